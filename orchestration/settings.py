@@ -1,0 +1,172 @@
+"""Pipeline settings, read once from environment variables.
+
+Environment variables are the deployment interface: a scheduler, a container or a shell
+sets them without touching code. Dagster run config can override the ingest and split
+choices per run (see ``orchestration.assets``); everything else is process-wide.
+
+| variable | default | meaning |
+|---|---|---|
+| ``RECSYS_HOME`` | ``<checkout>/.recsys_home`` | root of everything the pipeline writes |
+| ``RECSYS_SOURCE`` | ``synthetic`` | ``synthetic`` \\| ``movielens`` \\| ``files`` |
+| ``RECSYS_DATA_PATH`` | – | folder, zip or file read by ``movielens`` / ``files`` |
+| ``RECSYS_COLUMN_MAP`` | – | ``files`` only: ``user_id=uid,item_id=sku,...`` |
+| ``RECSYS_SPLIT`` | ``temporal`` | ``temporal`` \\| ``leave_last_out`` \\| ``stratified`` |
+| ``RECSYS_VALID_FRAC`` / ``RECSYS_TEST_FRAC`` | 0.1 / 0.1 | split fractions |
+| ``RECSYS_SPLIT_SEED`` | 42 | seed of the ``stratified`` split |
+| ``RECSYS_HISTORY_LEN`` | 50 | length of behaviour histories in ``fct_ctr_samples`` |
+| ``RECSYS_SYNTH_USERS`` / ``_ITEMS`` / ``_EVENTS`` / ``_SEED`` | 943 / 1682 / 100000 / 42 | synthetic size |
+| ``RECSYS_MIN_EVENTS`` | 100 | fewest accepted interactions a contract allows |
+| ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``3GB`` | DuckDB memory limit (it spills beyond) |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DBT_PROJECT_DIR = REPO_ROOT / "transforms"
+
+SOURCES = ("synthetic", "movielens", "files")
+SPLITS = ("temporal", "leave_last_out", "stratified")
+
+
+class SettingsError(ValueError):
+    """A configuration value is unusable; the message names the variable and the fix."""
+
+
+def _env_int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer; set it to an integer >= {minimum}.")
+    if value < minimum:
+        raise SettingsError(f"{name}={value} is below {minimum}; set it to an integer >= {minimum}.")
+    return value
+
+
+def _env_frac(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number; set a fraction in (0, 0.5).")
+    if not 0.0 < value < 0.5:
+        raise SettingsError(f"{name}={value} is outside (0, 0.5); set a fraction in (0, 0.5).")
+    return value
+
+
+def _env_choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+    return value
+
+
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """``"user_id=uid, item_id=sku"`` -> ``{"user_id": "uid", "item_id": "sku"}``."""
+    if not text:
+        return {}
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise SettingsError(
+                f"RECSYS_COLUMN_MAP entry {part!r} is not 'canonical=source' "
+                "(for example 'user_id=uid,item_id=sku,rating=stars,timestamp=ts')."
+            )
+        canonical, source = (s.strip() for s in part.split("=", 1))
+        mapping[canonical] = source
+    return mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    source: str = "synthetic"
+    data_path: Path | None = None
+    column_map: dict[str, str] = field(default_factory=dict)
+    split: str = "temporal"
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    split_seed: int = 42
+    history_len: int = 50
+    synth_users: int = 943
+    synth_items: int = 1682
+    synth_events: int = 100_000
+    synth_seed: int = 42
+    min_events: int = 100
+    duckdb_memory_limit: str = "3GB"
+
+    @property
+    def warehouse(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    @property
+    def landing_dir(self) -> Path:
+        """Files dropped here are picked up by the landing sensor."""
+        return self.home / "landing"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Intermediate files of one ingest (generated parts, unpacked zips)."""
+        return self.home / "scratch"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    def dbt_vars(self, split: str | None = None) -> dict[str, object]:
+        return {
+            "split": split or self.split,
+            "valid_frac": self.valid_frac,
+            "test_frac": self.test_frac,
+            "split_seed": self.split_seed,
+            "history_len": self.history_len,
+        }
+
+    def dbt_env(self) -> dict[str, str]:
+        """Environment the dbt subprocess needs (its profile reads these)."""
+        return {
+            "RECSYS_WAREHOUSE": str(self.warehouse),
+            "RECSYS_DUCKDB_MEMORY_LIMIT": self.duckdb_memory_limit,
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        }
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    home = Path(env.get("RECSYS_HOME") or REPO_ROOT / ".recsys_home").expanduser().resolve()
+    source = _env_choice(env, "RECSYS_SOURCE", "synthetic", SOURCES)
+    data_path = Path(env["RECSYS_DATA_PATH"]).expanduser() if env.get("RECSYS_DATA_PATH") else None
+    if source != "synthetic" and data_path is None:
+        raise SettingsError(
+            f"RECSYS_SOURCE={source} needs RECSYS_DATA_PATH: the folder, zip or file to read."
+        )
+    valid_frac = _env_frac(env, "RECSYS_VALID_FRAC", 0.1)
+    test_frac = _env_frac(env, "RECSYS_TEST_FRAC", 0.1)
+    return Settings(
+        home=home,
+        source=source,
+        data_path=data_path,
+        column_map=parse_column_map(env.get("RECSYS_COLUMN_MAP")),
+        split=_env_choice(env, "RECSYS_SPLIT", "temporal", SPLITS),
+        valid_frac=valid_frac,
+        test_frac=test_frac,
+        split_seed=_env_int(env, "RECSYS_SPLIT_SEED", 42, 0),
+        history_len=_env_int(env, "RECSYS_HISTORY_LEN", 50, 1),
+        synth_users=_env_int(env, "RECSYS_SYNTH_USERS", 943, 1),
+        synth_items=_env_int(env, "RECSYS_SYNTH_ITEMS", 1682, 2),
+        synth_events=_env_int(env, "RECSYS_SYNTH_EVENTS", 100_000, 1),
+        synth_seed=_env_int(env, "RECSYS_SYNTH_SEED", 42, 0),
+        min_events=_env_int(env, "RECSYS_MIN_EVENTS", 100, 1),
+        duckdb_memory_limit=env.get("RECSYS_DUCKDB_MEMORY_LIMIT") or "3GB",
+    )

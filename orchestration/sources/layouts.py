@@ -1,0 +1,420 @@
+"""Where the raw tables come from: MovieLens layouts and user files, described as data.
+
+A :class:`TableSource` says which files hold one raw table, how to split them into fields
+and which SQL expression yields each canonical column. The loader
+(:mod:`orchestration.sources.loader`) turns that into validated DuckDB tables. Keeping the
+description declarative means a new layout is a few lines here and the validation rules
+(what gets rejected and why) are written once.
+
+No Dagster import: this is plain Python, testable alone.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+INTERACTION_FIELDS = ("user_id", "item_id", "rating", "timestamp")
+USER_FIELDS = ("user_id", "gender", "age", "occupation", "zip_code")
+ITEM_FIELDS = ("item_id", "title", "year", "genres")
+
+# The 19 genre flags of ml-100k's u.item, in file order (u.genre lists the same).
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+
+# Archives bigger than this when unpacked are refused before anything is written:
+# ml-32m unpacks to about 1 GB, so 8 GiB leaves room for real data and stops a zip bomb.
+MAX_UNPACKED_BYTES = 8 * 1024**3
+
+
+class SourceError(ValueError):
+    """The input cannot be read as asked; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """One raw table spread over one or more files of the same layout.
+
+    reader:
+      ``lines``   text split on ``delim`` without quoting (MovieLens ``.data``/``.dat``/
+                  ``ratings.csv``); every physical line is kept, so a malformed line is
+                  rejected with its exact line number. Fields are ``parts[1]``, ``parts[2]``...
+      ``csv``     quoted CSV with a header (``movies.csv`` and user files); fields are
+                  quoted column names.
+      ``parquet`` fields are quoted column names.
+    fields: canonical column -> SQL expression over the parsed fields (NULL when absent).
+    """
+
+    table: str
+    files: tuple[Path, ...]
+    reader: str
+    fields: dict[str, str]
+    delim: str = ","
+    encoding: str = "utf-8"
+    header: bool = False
+    n_fields: int | None = None  # ``lines`` only: the exact field count of a good line
+    header_names: tuple[str, ...] = ()  # ``lines`` with header: the expected header
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """Everything one ingest reads. ``users``/``items`` are None when the layout has none."""
+
+    layout: str
+    interactions: TableSource
+    users: TableSource | None = None
+    items: TableSource | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _year_from_title(expr: str) -> str:
+    # MovieLens titles end in "(1995)"; some have trailing spaces or none at all.
+    return f"TRY_CAST(regexp_extract({expr}, '\\((\\d{{4}})\\)\\s*$', 1) AS INTEGER)"
+
+
+def _genres_pipe(expr: str) -> str:
+    # ml-latest marks an item without genres with "(no genres listed)"; ml-1m never does.
+    return f"NULLIF(NULLIF(trim({expr}), ''), '(no genres listed)')"
+
+
+def _p(i: int) -> str:
+    return f"parts[{i}]"
+
+
+def _ml100k(root: Path) -> SourcePlan:
+    genres = ", ".join(
+        f"CASE WHEN {_p(6 + k)} = '1' THEN '{g.replace(chr(39), chr(39) * 2)}' END"
+        for k, g in enumerate(ML100K_GENRES)
+        if g != "unknown"
+    )
+    return SourcePlan(
+        layout="ml-100k",
+        interactions=TableSource(
+            "interactions",
+            (_require(root, "u.data", "ml-100k"),),
+            "lines",
+            dict(zip(INTERACTION_FIELDS, (_p(1), _p(2), _p(3), _p(4)))),
+            delim="\t",
+            n_fields=4,
+        ),
+        users=TableSource(
+            "users",
+            (_require(root, "u.user", "ml-100k"),),
+            "lines",
+            {
+                "user_id": _p(1),
+                "age": _p(2),
+                "gender": _p(3),
+                "occupation": _p(4),
+                "zip_code": _p(5),
+            },
+            delim="|",
+            n_fields=5,
+        ),
+        items=TableSource(
+            "items",
+            (_require(root, "u.item", "ml-100k"),),
+            "lines",
+            {
+                "item_id": _p(1),
+                "title": _p(2),
+                # release date is "01-Jan-1995"; fall back to the title's "(1995)"
+                "year": f"coalesce(TRY_CAST(right({_p(3)}, 4) AS INTEGER), {_year_from_title(_p(2))})",
+                "genres": f"NULLIF(concat_ws('|', {genres}), '')",
+            },
+            delim="|",
+            encoding="latin-1",
+            n_fields=24,
+        ),
+    )
+
+
+def _ml1m(root: Path) -> SourcePlan:
+    users_dat = root / "users.dat"
+    users = None
+    notes = []
+    if users_dat.is_file():
+        users = TableSource(
+            "users",
+            (users_dat,),
+            "lines",
+            {
+                "user_id": _p(1),
+                "gender": _p(2),
+                "age": _p(3),
+                "occupation": _p(4),
+                "zip_code": _p(5),
+            },
+            delim="::",
+            n_fields=5,
+        )
+    else:
+        notes.append("no users.dat (ml-10m layout): users get no demographics")
+    return SourcePlan(
+        layout="ml-1m" if users else "ml-10m",
+        interactions=TableSource(
+            "interactions",
+            (_require(root, "ratings.dat", "ml-1m/ml-10m"),),
+            "lines",
+            dict(zip(INTERACTION_FIELDS, (_p(1), _p(2), _p(3), _p(4)))),
+            delim="::",
+            n_fields=4,
+        ),
+        users=users,
+        items=TableSource(
+            "items",
+            (_require(root, "movies.dat", "ml-1m/ml-10m"),),
+            "lines",
+            {
+                "item_id": _p(1),
+                "title": _p(2),
+                "year": _year_from_title(_p(2)),
+                "genres": _genres_pipe(_p(3)),
+            },
+            delim="::",
+            encoding="latin-1",
+            n_fields=3,
+        ),
+        notes=notes,
+    )
+
+
+def _ml_latest(root: Path) -> SourcePlan:
+    return SourcePlan(
+        layout="ml-latest",
+        interactions=TableSource(
+            "interactions",
+            (_require(root, "ratings.csv", "ml-latest/ml-20m/ml-25m/ml-32m"),),
+            "lines",
+            dict(zip(INTERACTION_FIELDS, (_p(1), _p(2), _p(3), _p(4)))),
+            delim=",",
+            header=True,
+            n_fields=4,
+            header_names=("userId", "movieId", "rating", "timestamp"),
+        ),
+        items=TableSource(
+            "items",
+            (_require(root, "movies.csv", "ml-latest/ml-20m/ml-25m/ml-32m"),),
+            "csv",
+            {
+                "item_id": '"movieId"',
+                "title": '"title"',
+                "year": _year_from_title('"title"'),
+                "genres": _genres_pipe('"genres"'),
+            },
+            header=True,
+        ),
+        notes=["no user table in this layout: users get no demographics"],
+    )
+
+
+def _require(root: Path, name: str, layout: str) -> Path:
+    path = root / name
+    if not path.is_file():
+        raise SourceError(f"{path} is missing: the {layout} layout needs {name} in {root}.")
+    return path
+
+
+def _find_layout_root(folder: Path) -> Path:
+    """The folder holding the MovieLens files: ``folder`` itself or its only sub-folder."""
+    markers = ("u.data", "ratings.dat", "ratings.csv")
+    if any((folder / m).is_file() for m in markers):
+        return folder
+    subdirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    for sub in subdirs:
+        if any((sub / m).is_file() for m in markers):
+            return sub
+    found = sorted(p.name for p in folder.iterdir())[:20]
+    raise SourceError(
+        f"No MovieLens layout recognised in {folder}: expected u.data (ml-100k), "
+        "ratings.dat (ml-1m, ml-10m) or ratings.csv (ml-latest-small, ml-20m, ml-25m, ml-32m), "
+        f"here or in one sub-folder. Found: {found}."
+    )
+
+
+def unpack_zip(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack ``archive`` into ``dest`` (a scratch folder); the archive is only read.
+
+    Refuses archives whose members would unpack past ``max_bytes`` (declared or actual),
+    and member names that would escape ``dest``.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SourceError(f"{archive} is not a readable zip archive ({exc}).") from exc
+    with zf:
+        declared = sum(info.file_size for info in zf.infolist())
+        if declared > max_bytes:
+            raise SourceError(
+                f"{archive} would unpack to {declared / 1e9:.1f} GB, over the "
+                f"{max_bytes / 1e9:.1f} GB limit; unpack it yourself and point "
+                "RECSYS_DATA_PATH at the folder."
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for info in zf.infolist():
+            target = (dest / info.filename).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise SourceError(f"{archive}: member {info.filename!r} escapes the archive root.")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise SourceError(
+                            f"{archive} unpacks past {max_bytes / 1e9:.1f} GB although its "
+                            "header says less; refusing it as corrupt or hostile."
+                        )
+                    out.write(chunk)
+    return dest
+
+
+def movielens_plan(path: Path, scratch: Path) -> SourcePlan:
+    """Detect the GroupLens layout of a folder or zip and describe its tables."""
+    if not path.exists():
+        raise SourceError(f"{path} does not exist: point RECSYS_DATA_PATH at a MovieLens folder or zip.")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise SourceError(
+                f"{path} is a file but not a zip: give the MovieLens folder or its .zip archive."
+            )
+        path = unpack_zip(path, scratch / "unzipped")
+    root = _find_layout_root(path)
+    if (root / "u.data").is_file():
+        return _ml100k(root)
+    if (root / "ratings.dat").is_file():
+        return _ml1m(root)
+    return _ml_latest(root)
+
+
+# ---------------------------------------------------------------- files source
+
+FILE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".tsv")
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in FILE_SUFFIXES if name.endswith(s)), None)
+
+
+def _columns_of(path: Path) -> list[str]:
+    """The column names of a csv/parquet file, read with DuckDB without loading it."""
+    suffix = _suffix(path)
+    con = duckdb.connect()
+    try:
+        if suffix == ".parquet":
+            rel = con.sql(f"SELECT * FROM read_parquet('{_sql_str(path)}') LIMIT 0")
+        else:
+            delim = "\t" if suffix == ".tsv" else ","
+            rel = con.sql(
+                f"SELECT * FROM read_csv('{_sql_str(path)}', header=true, delim='{delim}', "
+                "all_varchar=true) LIMIT 0"
+            )
+        return list(rel.columns)
+    except duckdb.Error as exc:
+        raise SourceError(f"{path} cannot be read as {suffix} ({exc}).") from exc
+    finally:
+        con.close()
+
+
+def _sql_str(path: Path | str) -> str:
+    return str(path).replace("'", "''")
+
+
+def _file_table(
+    table: str,
+    files: list[Path],
+    canonical: tuple[str, ...],
+    required: tuple[str, ...],
+    column_map: dict[str, str],
+) -> TableSource:
+    suffixes = {_suffix(f) for f in files}
+    if len(suffixes) != 1:
+        raise SourceError(
+            f"The {table} files mix formats ({sorted(str(f) for f in files)}); use one format per table."
+        )
+    suffix = suffixes.pop()
+    fields: dict[str, str] = {}
+    for f in files:
+        columns = _columns_of(f)
+        missing = [c for c in required if column_map.get(c, c) not in columns]
+        if missing:
+            wanted = ", ".join(f"{c} (column {column_map.get(c, c)!r})" for c in missing)
+            raise SourceError(
+                f"{f} has no {wanted}. Columns found: {columns}. Rename them or map them with "
+                "RECSYS_COLUMN_MAP, e.g. 'user_id=uid,item_id=sku,rating=stars,timestamp=ts'."
+            )
+        for c in canonical:
+            source_col = column_map.get(c, c)
+            fields[c] = (
+                '"' + source_col.replace('"', '""') + '"'
+                if source_col in columns
+                else "NULL::VARCHAR"
+            )
+    if table == "items" and fields["year"] == "NULL::VARCHAR" and fields["title"] != "NULL::VARCHAR":
+        fields["year"] = _year_from_title(fields["title"])
+    reader = "parquet" if suffix == ".parquet" else "csv"
+    return TableSource(
+        table,
+        tuple(files),
+        reader,
+        fields,
+        delim="\t" if suffix == ".tsv" else ",",
+        header=True,
+    )
+
+
+def files_plan(path: Path, column_map: dict[str, str] | None = None) -> SourcePlan:
+    """Interactions (and optional users/items) from csv/tsv/parquet files.
+
+    ``path`` is one interactions file, or a folder where ``users.*`` and ``items.*`` are the
+    side tables and every other csv/tsv/parquet file holds interactions. Columns are the
+    canonical names unless ``column_map`` maps them: ``user_id``, ``item_id``, ``rating``
+    (0.5..5), ``timestamp`` (unix seconds or ISO-8601); users: ``user_id``, ``gender``,
+    ``age``, ``occupation``, ``zip_code``; items: ``item_id``, ``title``, ``year``,
+    ``genres`` ('|'-separated). Only the id columns (and rating, timestamp) are required.
+    """
+    column_map = column_map or {}
+    if not path.exists():
+        raise SourceError(f"{path} does not exist: point RECSYS_DATA_PATH at a csv/parquet file or folder.")
+    if path.is_file():
+        if _suffix(path) is None:
+            raise SourceError(f"{path} is not a .csv, .csv.gz, .tsv or .parquet file.")
+        return SourcePlan(
+            "files",
+            _file_table("interactions", [path], INTERACTION_FIELDS, INTERACTION_FIELDS, column_map),
+        )
+    candidates = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p))
+    side = {"users": None, "items": None}
+    interaction_files = []
+    for p in candidates:
+        stem = p.name[: -len(_suffix(p) or "")].lower()
+        if stem in side:
+            side[stem] = p
+        else:
+            interaction_files.append(p)
+    if not interaction_files:
+        raise SourceError(
+            f"{path} holds no interaction file: expected at least one .csv/.tsv/.parquet file "
+            "besides users.* and items.*."
+        )
+    return SourcePlan(
+        "files",
+        _file_table("interactions", interaction_files, INTERACTION_FIELDS, INTERACTION_FIELDS, column_map),
+        users=_file_table("users", [side["users"]], USER_FIELDS, ("user_id",), column_map)
+        if side["users"]
+        else None,
+        items=_file_table("items", [side["items"]], ITEM_FIELDS, ("item_id",), column_map)
+        if side["items"]
+        else None,
+    )
+

@@ -1,0 +1,59 @@
+"""Pick the source named by the settings and describe what one ingest reads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from orchestration.sources.layouts import (
+    INTERACTION_FIELDS,
+    ITEM_FIELDS,
+    USER_FIELDS,
+    SourceError,
+    SourcePlan,
+    TableSource,
+    files_plan,
+    movielens_plan,
+)
+
+
+def _parquet_table(table: str, files: list[Path], fields: tuple[str, ...]) -> TableSource:
+    return TableSource(table, tuple(files), "parquet", {c: f'"{c}"' for c in fields})
+
+
+def synthetic_plan(
+    scratch: Path, n_users: int, n_items: int, n_events: int, seed: int
+) -> SourcePlan:
+    """Generate the embedded data set into ``scratch`` and read it like user parquet files."""
+    from orchestration.sources.synthetic import SyntheticConfig, generate
+
+    config = SyntheticConfig(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed)
+    out = scratch / "synthetic"
+    if out.exists():
+        shutil.rmtree(out)
+    result = generate(config, out)
+    return SourcePlan(
+        layout="synthetic",
+        interactions=_parquet_table("interactions", list(result.interactions), INTERACTION_FIELDS),
+        users=_parquet_table("users", [result.users], USER_FIELDS),
+        items=_parquet_table("items", [result.items], ITEM_FIELDS),
+        notes=[f"synthetic: {config}"],
+    )
+
+
+def build_plan(
+    source: str,
+    data_path: Path | None,
+    scratch: Path,
+    column_map: dict[str, str] | None = None,
+    synthetic: dict[str, int] | None = None,
+) -> SourcePlan:
+    if source == "synthetic":
+        return synthetic_plan(scratch, **(synthetic or {}))
+    if data_path is None:
+        raise SourceError(f"source {source!r} needs a data path (RECSYS_DATA_PATH).")
+    if source == "movielens":
+        return movielens_plan(data_path, scratch)
+    if source == "files":
+        return files_plan(data_path, column_map)
+    raise SourceError(f"Unknown source {source!r}: use synthetic, movielens or files.")
