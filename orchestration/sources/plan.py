@@ -27,7 +27,12 @@ def synthetic_plan(
     """Generate the embedded data set into ``scratch`` and read it like user parquet files."""
     from orchestration.sources.synthetic import SyntheticConfig, generate
 
-    config = SyntheticConfig(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed)
+    try:
+        config = SyntheticConfig(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed)
+    except ValueError as exc:
+        raise SourceError(
+            f"{exc}. Adjust RECSYS_SYNTH_USERS / RECSYS_SYNTH_ITEMS / RECSYS_SYNTH_EVENTS."
+        ) from exc
     out = scratch / "synthetic"
     if out.exists():
         shutil.rmtree(out)
