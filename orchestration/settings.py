@@ -16,7 +16,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_HISTORY_LEN`` | 50 | length of behaviour histories in ``fct_ctr_samples`` |
 | ``RECSYS_SYNTH_USERS`` / ``_ITEMS`` / ``_EVENTS`` / ``_SEED`` | 943 / 1682 / 100000 / 42 | synthetic size |
 | ``RECSYS_MIN_EVENTS`` | 100 | fewest accepted interactions a contract allows |
-| ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``3GB`` | DuckDB memory limit (it spills beyond) |
+| ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _env_int(env: dict[str, str], name: str, default: int, minimum: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer; set it to an integer >= {minimum}.")
+        raise SettingsError(f"{name}={raw!r} is not an integer; set it to an integer >= {minimum}.") from None
     if value < minimum:
         raise SettingsError(f"{name}={value} is below {minimum}; set it to an integer >= {minimum}.")
     return value
@@ -56,7 +56,7 @@ def _env_frac(env: dict[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number; set a fraction in (0, 0.5).")
+        raise SettingsError(f"{name}={raw!r} is not a number; set a fraction in (0, 0.5).") from None
     if not 0.0 < value < 0.5:
         raise SettingsError(f"{name}={value} is outside (0, 0.5); set a fraction in (0, 0.5).")
     return value
@@ -104,7 +104,7 @@ class Settings:
     synth_events: int = 100_000
     synth_seed: int = 42
     min_events: int = 100
-    duckdb_memory_limit: str = "3GB"
+    duckdb_memory_limit: str = "2GB"
 
     @property
     def warehouse(self) -> Path:
@@ -168,5 +168,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         synth_events=_env_int(env, "RECSYS_SYNTH_EVENTS", 100_000, 1),
         synth_seed=_env_int(env, "RECSYS_SYNTH_SEED", 42, 0),
         min_events=_env_int(env, "RECSYS_MIN_EVENTS", 100, 1),
-        duckdb_memory_limit=env.get("RECSYS_DUCKDB_MEMORY_LIMIT") or "3GB",
+        duckdb_memory_limit=env.get("RECSYS_DUCKDB_MEMORY_LIMIT") or "2GB",
     )

@@ -49,12 +49,8 @@ def _fmt_rating(r: float, half_stars: bool) -> str:
 
 def write_ml100k(root: Path, data: Toy) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "u.data").write_text(
-        "".join(f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in data.ratings)
-    )
-    (root / "u.user").write_text(
-        "".join(f"{u}|{age}|{g}|{occ}|{z}\n" for u, g, age, occ, z in data.users)
-    )
+    (root / "u.data").write_text("".join(f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in data.ratings))
+    (root / "u.user").write_text("".join(f"{u}|{age}|{g}|{occ}|{z}\n" for u, g, age, occ, z in data.users))
     lines = []
     for i, title, year, genres in data.items:
         flags = ["0"] + ["1" if g in genres else "0" for g in GENRES]
@@ -65,13 +61,12 @@ def write_ml100k(root: Path, data: Toy) -> Path:
 
 def write_ml1m(root: Path, data: Toy, with_users: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "ratings.dat").write_text(
-        "".join(f"{u}::{i}::{int(r)}::{t}\n" for u, i, r, t in data.ratings)
-    )
+    (root / "ratings.dat").write_text("".join(f"{u}::{i}::{int(r)}::{t}\n" for u, i, r, t in data.ratings))
     if with_users:
         (root / "users.dat").write_text(
-            "".join(f"{u}::{g}::{age}::{k % 21}::{z}\n"
-                    for k, (u, g, age, occ, z) in enumerate(data.users))  # fmt: skip
+            "".join(
+                f"{u}::{g}::{age}::{k % 21}::{z}\n" for k, (u, g, age, occ, z) in enumerate(data.users)
+            )  # fmt: skip
         )
     (root / "movies.dat").write_bytes(
         "".join(f"{i}::{t} ({y})::{'|'.join(g)}\n" for i, t, y, g in data.items).encode("latin-1")
@@ -82,8 +77,7 @@ def write_ml1m(root: Path, data: Toy, with_users: bool = True) -> Path:
 def write_ml_latest(root: Path, data: Toy) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "ratings.csv").write_text(
-        "userId,movieId,rating,timestamp\n"
-        + "".join(f"{u},{i},{r:.1f},{t}\n" for u, i, r, t in data.ratings)
+        "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r:.1f},{t}\n" for u, i, r, t in data.ratings)
     )
     rows = []
     for i, title, year, genres in data.items:

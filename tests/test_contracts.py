@@ -192,9 +192,7 @@ def test_suite_file_is_a_canonical_gx_suite(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SUITES)
-def test_suite_sql_is_valid_on_the_good_warehouse(
-    con: duckdb.DuckDBPyConnection, name: str
-) -> None:
+def test_suite_sql_is_valid_on_the_good_warehouse(con: duckdb.DuckDBPyConnection, name: str) -> None:
     meta = load_suite(name)["meta"]
     derived = [f"{sql} AS {alias}" for alias, sql in meta.get("derived", {}).items()]
     con.execute(f"SELECT {', '.join(meta['columns'] + derived)} FROM {meta['relation']}")
@@ -315,9 +313,7 @@ def test_breakage_fails_with_sample(con: duckdb.DuckDBPyConnection, breakage: st
 
 def test_null_is_reported_with_the_row_key(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("UPDATE fct_ratings SET user_idx = NULL WHERE event_id = 7")
-    outcome = failing(
-        run_suite(con, "fct_ratings"), "expect_column_values_to_not_be_null", "user_idx"
-    )
+    outcome = failing(run_suite(con, "fct_ratings"), "expect_column_values_to_not_be_null", "user_idx")
     assert outcome.sample_bad_values == [None]
     assert outcome.sample_bad_rows == [{"event_id": 7, "user_idx": None}]
 

@@ -218,9 +218,9 @@ def test_files_source_folder_with_parquet_side_tables(tmp_path):
         {"user_id": [1, 2, 2], "item_id": [5, 5, 6], "rating": [4.0, 2.0, 5.0],
          "timestamp": [1_600_000_000, 1_600_000_100, 1_600_000_200]}
     ).to_parquet(folder / "part-1.parquet")  # fmt: skip
-    pd.DataFrame(
-        {"user_id": [3], "item_id": [6], "rating": [3.0], "timestamp": [1_600_000_300]}
-    ).to_parquet(folder / "part-2.parquet")
+    pd.DataFrame({"user_id": [3], "item_id": [6], "rating": [3.0], "timestamp": [1_600_000_300]}).to_parquet(
+        folder / "part-2.parquet"
+    )
     pd.DataFrame({"user_id": [1, 2, 3], "gender": ["m", "F", "x"], "age": [25, None, 40]}).to_parquet(
         folder / "users.parquet"
     )
@@ -240,9 +240,7 @@ def test_files_source_folder_with_parquet_side_tables(tmp_path):
 
 def test_files_source_missing_column_names_file_and_fix(tmp_path):
     path = tmp_path / "events.csv"
-    pd.DataFrame({"user_id": [1], "item_id": [2], "score": [3.0], "timestamp": [1]}).to_csv(
-        path, index=False
-    )
+    pd.DataFrame({"user_id": [1], "item_id": [2], "score": [3.0], "timestamp": [1]}).to_csv(path, index=False)
     with pytest.raises(SourceError, match=r"events\.csv has no rating.*Columns found.*RECSYS_COLUMN_MAP"):
         files_plan(path)
 

@@ -109,8 +109,7 @@ def test_schemas_and_layout(small):
     items = pq.read_table(small.items).to_pandas()
     assert items.item_id.tolist() == list(range(1, SMALL.n_items + 1))
     assert (
-        items.title
-        == [f"Synthetic Film {i} ({y})" for i, y in zip(items.item_id, items.year, strict=True)]
+        items.title == [f"Synthetic Film {i} ({y})" for i, y in zip(items.item_id, items.year, strict=True)]
     ).all()
     assert items.year.between(1920, 1998).all()
     genres = items.genres.str.split("|")

@@ -356,9 +356,7 @@ def _file_table(
         for c in canonical:
             source_col = column_map.get(c, c)
             fields[c] = (
-                '"' + source_col.replace('"', '""') + '"'
-                if source_col in columns
-                else "NULL::VARCHAR"
+                '"' + source_col.replace('"', '""') + '"' if source_col in columns else "NULL::VARCHAR"
             )
     if table == "items" and fields["year"] == "NULL::VARCHAR" and fields["title"] != "NULL::VARCHAR":
         fields["year"] = _year_from_title(fields["title"])
@@ -417,4 +415,3 @@ def files_plan(path: Path, column_map: dict[str, str] | None = None) -> SourcePl
         if side["items"]
         else None,
     )
-

@@ -56,7 +56,7 @@ class IngestReport:
         return self.tables["interactions"]
 
 
-def connect(warehouse: Path, memory_limit: str = "3GB", temp_dir: Path | None = None):
+def connect(warehouse: Path, memory_limit: str = "2GB", temp_dir: Path | None = None):
     """A read-write connection to the warehouse file, spilling to ``temp_dir``."""
     warehouse.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -246,8 +246,8 @@ def _load_entities(con, src: TableSource | None, table: str, id_col: str) -> Non
         FROM first_pass
         """
     )
-    keep = "user_id, gender, age, occupation, zip_code" if table == "users" else (
-        "item_id, title, year, genres"
+    keep = (
+        "user_id, gender, age, occupation, zip_code" if table == "users" else ("item_id, title, year, genres")
     )
     con.execute(f"CREATE TABLE {new} AS SELECT {keep} FROM checked_{table} WHERE reason IS NULL")
     con.execute(
@@ -260,14 +260,12 @@ def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool) 
     _stage(con, src, "cand_interactions")
     t = _types(con, "cand_interactions")
     unknown_user = (
-        "WHEN user_id NOT IN (SELECT user_id FROM raw.users__new) "
-        "THEN 'user_id not in the users table' "
+        "WHEN user_id NOT IN (SELECT user_id FROM raw.users__new) THEN 'user_id not in the users table' "
         if has_users
         else ""
     )
     unknown_item = (
-        "WHEN item_id NOT IN (SELECT item_id FROM raw.items__new) "
-        "THEN 'item_id not in the items table' "
+        "WHEN item_id NOT IN (SELECT item_id FROM raw.items__new) THEN 'item_id not in the items table' "
         if has_items
         else ""
     )

@@ -21,9 +21,7 @@ def _parquet_table(table: str, files: list[Path], fields: tuple[str, ...]) -> Ta
     return TableSource(table, tuple(files), "parquet", {c: f'"{c}"' for c in fields})
 
 
-def synthetic_plan(
-    scratch: Path, n_users: int, n_items: int, n_events: int, seed: int
-) -> SourcePlan:
+def synthetic_plan(scratch: Path, n_users: int, n_items: int, n_events: int, seed: int) -> SourcePlan:
     """Generate the embedded data set into ``scratch`` and read it like user parquet files."""
     from orchestration.sources.synthetic import SyntheticConfig, generate
 

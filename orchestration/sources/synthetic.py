@@ -233,9 +233,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:
             if not ok:
-                raise ValueError(
-                    f"SyntheticConfig.{field} must be {allowed}, got {getattr(self, field)!r}"
-                )
+                raise ValueError(f"SyntheticConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
 
         def is_int(name: str) -> bool:
             value = getattr(self, name)
@@ -691,8 +689,7 @@ def _generate_block(
             stuck = todo[np.isneginf(score[np.arange(todo.size), best])]
             if stuck.size:  # every candidate already seen: exact draw over the unseen items
                 hf = _mix(
-                    _mix(fallback_keys[stuck] ^ np.uint64(pos))[:, None]
-                    ^ np.arange(n_items, dtype=np.uint64)
+                    _mix(fallback_keys[stuck] ^ np.uint64(pos))[:, None] ^ np.arange(n_items, dtype=np.uint64)
                 )
                 full = weight * taste[stuck] + sampler.log_pop + _gumbel(_bits(hf, 0, 23))
                 full[seen.reshape(len(users), n_items)[stuck]] = -np.inf
@@ -716,9 +713,7 @@ def _generate_block(
         hit = (planted.successors[prev] == items[:, None]).any(axis=1)
         follows |= hit & (position >= lag)
 
-    event_keys = _mix(
-        _stream_keys(c.seed, _STREAM_RATING, user_index + 1) ^ position.astype(np.uint64)
-    )
+    event_keys = _mix(_stream_keys(c.seed, _STREAM_RATING, user_index + 1) ^ position.astype(np.uint64))
     u1, u2 = _unit(_bits(event_keys, 32, 32), 32), _unit(_bits(event_keys, 0, 32), 32)
     noise = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
     latent = (

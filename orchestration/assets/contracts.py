@@ -1,0 +1,83 @@
+"""Data contracts as blocking Dagster asset checks (great-expectations suites in data_contracts/)."""
+
+import dagster as dg
+import duckdb
+
+from orchestration.resources import WarehouseResource
+from orchestration.settings import Settings, load_settings
+
+MARTS = ("dim_users", "dim_items", "fct_ratings", "fct_ctr_samples", "user_stats", "item_stats")
+
+
+def contract_parameters(settings: Settings) -> dict[str, object]:
+    """Bounds the suites take from the configuration rather than from the data."""
+    params: dict[str, object] = {
+        "min_rows": settings.min_events,
+        "history_len": settings.history_len,
+    }
+    if settings.split in ("temporal", "stratified"):
+        # Both aim at the configured fractions; stratified rounds up per user, hence the slack.
+        params["min_holdout_frac"] = 0.5 * min(settings.valid_frac, settings.test_frac)
+        params["max_holdout_frac"] = min(0.5, 2 * max(settings.valid_frac, settings.test_frac) + 0.05)
+        params["min_train_frac"] = max(0.3, 1 - 2.5 * (settings.valid_frac + settings.test_frac))
+    return params
+
+
+def contract_check_result(
+    con: duckdb.DuckDBPyConnection, suite: str, asset_key: dg.AssetKey, settings: Settings
+) -> dg.AssetCheckResult:
+    """Run one suite and turn it into a check result whose metadata shows what failed."""
+    from data_contracts import run_suite
+
+    result = run_suite(con, suite, parameters=contract_parameters(settings))
+    failed = result.failed()
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name="contract",
+        passed=result.success,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "suite": suite,
+            "relation": result.relation,
+            "rows_validated": result.n_rows,
+            "expectations": len(result.outcomes),
+            "failed_expectations": len(failed),
+            "failed": dg.MetadataValue.json(
+                [
+                    {
+                        "expectation": o.expectation,
+                        "column": o.column,
+                        "observed": str(o.observed),
+                        "sample_bad_values": [str(v) for v in o.sample_bad_values[:10]],
+                    }
+                    for o in failed
+                ]
+            ),
+            "report": dg.MetadataValue.md(result.to_markdown()),
+        },
+    )
+
+
+@dg.multi_asset_check(
+    name="mart_contracts",
+    specs=[
+        dg.AssetCheckSpec(
+            "contract",
+            asset=dg.AssetKey(mart),
+            blocking=True,
+            description=f"great-expectations suite {mart}: schema, nulls, ranges, uniqueness, "
+            "label rate and row-count bounds. Blocks training when it fails.",
+        )
+        for mart in MARTS
+    ],
+    can_subset=True,
+    pool="duckdb_warehouse",
+    op_tags={"recsys/warehouse": "duckdb"},
+)
+def mart_contracts(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource):
+    settings = load_settings()
+    selected = {key.asset_key.path[-1] for key in context.selected_asset_check_keys}
+    with warehouse.connect(read_only=True) as con:
+        for mart in MARTS:
+            if mart in selected:
+                yield contract_check_result(con, mart, dg.AssetKey(mart), settings)

@@ -1,0 +1,101 @@
+"""The dbt project in ``transforms/`` as Dagster assets; dbt tests appear as asset checks."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
+    DbtCliResource,
+    DbtProject,
+    dbt_assets,
+)
+
+from orchestration.settings import DBT_PROJECT_DIR, SPLITS, load_settings
+
+dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+# The dbt installed beside this interpreter, so an unactivated virtualenv works too.
+_venv_dbt = Path(sys.executable).with_name("dbt")
+DBT_EXECUTABLE = str(_venv_dbt) if _venv_dbt.exists() else "dbt"
+
+
+def export_dbt_env() -> None:
+    """The dbt profile reads the warehouse path from the environment of its subprocess."""
+    os.environ.update(load_settings().dbt_env())
+
+
+def _manifest_is_stale(project: DbtProject) -> bool:
+    manifest = Path(project.manifest_path)
+    if not manifest.exists():
+        return True
+    built = manifest.stat().st_mtime
+    root = Path(project.project_dir)
+    sources = [root / "dbt_project.yml", *root.glob("models/**/*"), *root.glob("macros/**/*"),
+               *root.glob("tests/**/*")]  # fmt: skip
+    return any(p.is_file() and p.stat().st_mtime > built for p in sources)
+
+
+def ensure_manifest(project: DbtProject = dbt_project) -> Path:
+    """Parse the dbt project when its manifest is missing or older than its sources.
+
+    dagster-dbt needs ``manifest.json`` when the definitions load; ``prepare_if_dev`` only
+    acts under ``dagster dev``, so a fresh clone running tests or ``dagster asset
+    materialize`` would otherwise fail to load.
+    """
+    export_dbt_env()
+    if _manifest_is_stale(project):
+        cmd = [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(project.project_dir),
+               "--profiles-dir", str(project.profiles_dir)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"`dbt parse` of {project.project_dir} failed; fix the dbt project first:\n"
+                f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+    return Path(project.manifest_path)
+
+
+class RecsysDbtTranslator(DagsterDbtTranslator):
+    """Groups dbt models by layer (staging / intermediate / marts) as the UI's stages."""
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        fqn = dbt_resource_props.get("fqn", [])
+        if dbt_resource_props.get("resource_type") == "model" and len(fqn) > 2:
+            return fqn[1]
+        return super().get_group_name(dbt_resource_props)
+
+    def get_owners(self, dbt_resource_props: Mapping[str, Any]):
+        return ["team:recsys-data"]
+
+
+class DbtBuildConfig(dg.Config):
+    """Per-run override of the split; empty means RECSYS_SPLIT."""
+
+    split: str | None = None
+
+
+@dbt_assets(
+    manifest=ensure_manifest(),
+    project=dbt_project,
+    name="transforms",
+    dagster_dbt_translator=RecsysDbtTranslator(
+        settings=DagsterDbtTranslatorSettings(enable_code_references=True)
+    ),
+    pool="duckdb_warehouse",
+    op_tags={"recsys/warehouse": "duckdb"},
+)
+def transforms(context: dg.AssetExecutionContext, dbt: DbtCliResource, config: DbtBuildConfig):
+    settings = load_settings()
+    split = config.split or settings.split
+    if split not in SPLITS:
+        raise dg.Failure(f"run config split={split!r} is not one of {', '.join(SPLITS)}.")
+    export_dbt_env()
+    dbt_vars = settings.dbt_vars(split)
+    context.log.info(f"dbt build with vars {dbt_vars}")
+    yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context).stream()

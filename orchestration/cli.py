@@ -1,0 +1,92 @@
+"""``recsys``: the newcomer's entry points around Dagster's own CLI.
+
+``recsys run`` materialises the whole asset graph headless through ``dagster asset
+materialize`` against a persistent Dagster instance, so the run is then visible in the UI
+that ``recsys ui`` (``dagster dev``) opens on the same instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from orchestration.settings import SettingsError, load_settings
+
+DAGSTER_YAML = """\
+# Written by `recsys`; edit freely, it is only created when missing.
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    # duckdb_warehouse: DuckDB allows one writing process per file.
+    default_limit: 1
+"""
+
+
+def _dagster_env() -> dict[str, str]:
+    settings = load_settings()
+    env = dict(os.environ)
+    home = Path(env.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    env["DAGSTER_HOME"] = str(home)
+    env["RECSYS_HOME"] = str(settings.home)
+    env.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+    env.setdefault("GX_ANALYTICS_ENABLED", "false")
+    return env
+
+
+def _dagster(args: list[str], env: dict[str, str]) -> int:
+    exe = Path(sys.executable).with_name("dagster")
+    return subprocess.call([str(exe), *args, "-m", "orchestration.definitions"], env=env)
+
+
+def _summary(env: dict[str, str]) -> None:
+    import duckdb
+
+    warehouse = Path(env["RECSYS_HOME"]) / "warehouse.duckdb"
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        tables = con.execute(
+            "SELECT schema_name, table_name, estimated_size FROM duckdb_tables() "
+            "WHERE schema_name IN ('raw', 'main') ORDER BY 1, 2"
+        ).fetchall()
+        print(f"\nwarehouse: {warehouse}")
+        for schema, name, _ in tables:
+            n = con.execute(f'SELECT count(*) FROM "{schema}"."{name}"').fetchone()[0]
+            print(f"  {schema}.{name:<28} {n:>12,} rows")
+        splits = con.execute(
+            "SELECT split, count(*) FROM main.fct_ratings GROUP BY split ORDER BY split"
+        ).fetchall()
+        print("  split sizes: " + ", ".join(f"{s}={n:,}" for s, n in splits))
+    finally:
+        con.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="materialise every asset headless, then print a summary")
+    ui = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the same instance")
+    ui.add_argument("--port", default="3000")
+    args = parser.parse_args(argv)
+    try:
+        env = _dagster_env()
+    except SettingsError as exc:
+        print(f"recsys: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        code = _dagster(["asset", "materialize", "--select", "*"], env)
+        if code == 0:
+            _summary(env)
+        return code
+    return _dagster(["dev", "--port", args.port], env)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

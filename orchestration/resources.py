@@ -1,0 +1,49 @@
+"""Dagster resources: the DuckDB warehouse every stage reads and writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from orchestration.settings import load_settings
+from orchestration.sources.loader import connect
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file at ``$RECSYS_HOME/warehouse.duckdb``.
+
+    DuckDB allows one writing process per file, and a reader cannot open it while another
+    process writes. Every step that opens it runs in the ``duckdb_warehouse`` pool (limit 1),
+    and connections are opened per step and closed at once, never held across steps.
+    """
+
+    # Empty fields resolve from the RECSYS_* environment when a step runs, so one loaded
+    # code location follows RECSYS_HOME without a reload.
+    path: str | None = None
+    memory_limit: str | None = None
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        settings = load_settings()
+        path = Path(self.path) if self.path else settings.warehouse
+        if read_only:
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"The warehouse {path} does not exist yet: materialise the ingest assets "
+                    "(raw_interactions, raw_users, raw_items) first."
+                )
+            con = duckdb.connect(str(path), read_only=True)
+        else:
+            con = connect(
+                path,
+                self.memory_limit or settings.duckdb_memory_limit,
+                settings.scratch_dir / "duckdb_tmp",
+            )
+        try:
+            yield con
+        finally:
+            con.close()

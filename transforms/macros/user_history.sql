@@ -1,0 +1,83 @@
+{#
+  user_history(relation, history_len)
+
+  `relation` (a CTE or relation name) has one row per event with at least the columns
+  event_id, user_id, ts and item_idx (0 = item outside the train vocabulary). Returns every
+  column of `relation` plus
+    history_item_idx  list of item_idx of the user's last `history_len` events with a ts
+                      strictly smaller than this event's ts (ties on ts never enter),
+                      oldest first by (ts, event_id), items with item_idx = 0 then left out;
+                      NULL when nothing is left
+    history_max_ts    max ts over the items kept in history_item_idx (NULL when empty);
+                      lets a test prove history_max_ts < ts.
+  Both implementations return the same rows; the default one is quadratic per user.
+#}
+{% macro user_history(relation, history_len) -%}
+  {{ return(adapter.dispatch('user_history', 'recsys')(relation, history_len)) }}
+{%- endmacro %}
+
+
+{#
+  DuckDB: one window pass with a ROWS frame of at most `history_len` rows. DuckDB accepts
+  per-row frame offsets, so the frame is shifted past the rows of the same user with the same
+  ts that sort before the current row (n_same_ts_before): the frame then ends at the row just
+  before the first event of the current ts and holds exactly the `history_len` events before
+  it. An unbounded/RANGE frame is never built.
+#}
+{% macro duckdb__user_history(relation, history_len) -%}
+    select
+        positioned.* exclude (n_same_ts_before),
+        list(item_idx) filter (where item_idx > 0) over recent_earlier_events as history_item_idx,
+        max(ts) filter (where item_idx > 0) over recent_earlier_events as history_max_ts
+    from (
+        select
+            *,
+            row_number() over (partition by user_id order by ts, event_id)
+                - rank() over (partition by user_id order by ts) as n_same_ts_before
+        from {{ relation }}
+    ) as positioned
+    window recent_earlier_events as (
+        partition by user_id
+        order by ts, event_id
+        rows between n_same_ts_before + {{ history_len }} preceding
+            and n_same_ts_before + 1 preceding
+    )
+{%- endmacro %}
+
+
+{#
+  Standard SQL (Postgres, Trino, ...): frame offsets must be constants there, so the history
+  is a self-join on strictly earlier events ranked by recency, then an ordered array_agg.
+#}
+{% macro default__user_history(relation, history_len) -%}
+    select
+        events.*,
+        history.history_item_idx,
+        history.history_max_ts
+    from {{ relation }} as events
+    left join (
+        select
+            event_id,
+            array_agg(earlier_item_idx order by earlier_ts, earlier_event_id)
+                filter (where earlier_item_idx > 0) as history_item_idx,
+            max(case when earlier_item_idx > 0 then earlier_ts end) as history_max_ts
+        from (
+            select
+                current_event.event_id,
+                earlier_event.item_idx as earlier_item_idx,
+                earlier_event.ts as earlier_ts,
+                earlier_event.event_id as earlier_event_id,
+                row_number() over (
+                    partition by current_event.event_id
+                    order by earlier_event.ts desc, earlier_event.event_id desc
+                ) as recency
+            from {{ relation }} as current_event
+            inner join {{ relation }} as earlier_event
+                on earlier_event.user_id = current_event.user_id
+                and earlier_event.ts < current_event.ts
+        ) as candidates
+        where recency <= {{ history_len }}
+        group by event_id
+    ) as history
+        on history.event_id = events.event_id
+{%- endmacro %}
