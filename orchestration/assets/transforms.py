@@ -17,6 +17,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
+from orchestration.resources import WarehouseResource
 from orchestration.settings import DBT_PROJECT_DIR, SPLITS, load_settings
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
@@ -90,7 +91,12 @@ class DbtBuildConfig(dg.Config):
     pool="duckdb_warehouse",
     op_tags={"recsys/warehouse": "duckdb"},
 )
-def transforms(context: dg.AssetExecutionContext, dbt: DbtCliResource, config: DbtBuildConfig):
+def transforms(
+    context: dg.AssetExecutionContext,
+    dbt: DbtCliResource,
+    warehouse: WarehouseResource,
+    config: DbtBuildConfig,
+):
     settings = load_settings()
     split = config.split or settings.split
     if split not in SPLITS:
@@ -98,4 +104,30 @@ def transforms(context: dg.AssetExecutionContext, dbt: DbtCliResource, config: D
     export_dbt_env()
     dbt_vars = settings.dbt_vars(split)
     context.log.info(f"dbt build with vars {dbt_vars}")
-    yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context).stream()
+    invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context, raise_on_error=False)
+    # Held back until dbt has exited: the row counts below need the warehouse file, which
+    # the dbt process holds open while it runs (DuckDB: one process at a time).
+    events = list(invocation.stream())
+    counts = _row_counts(warehouse, events) if invocation.is_successful() else {}
+    for event in events:
+        if isinstance(event, dg.Output) and event.output_name in counts:
+            event = event.with_metadata(
+                {**event.metadata, "dagster/row_count": counts[event.output_name], "split": split}
+            )
+        yield event
+    if not invocation.is_successful():
+        raise invocation.get_error() or dg.Failure("dbt build failed; see the dbt logs above.")
+
+
+def _row_counts(warehouse: WarehouseResource, events: list) -> dict[str, int]:
+    """Rows of every model dbt built, keyed by output name."""
+    relations = {
+        e.output_name: str(e.metadata["unique_id"].value).rsplit(".", 1)[-1]
+        for e in events
+        if isinstance(e, dg.Output) and "unique_id" in e.metadata
+    }
+    with warehouse.connect(read_only=True) as con:
+        return {
+            name: con.execute(f'SELECT count(*) FROM main."{relation}"').fetchone()[0]
+            for name, relation in relations.items()
+        }
