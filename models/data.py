@@ -1,0 +1,139 @@
+"""Read a mart snapshot (parquet files + meta.json written by the orchestration) as arrays.
+
+Everything a family trains or is evaluated on comes through here, so index conventions
+live in one place: indices are fitted on train rows only, 0 = unknown/padding, and the
+``n_users``/``n_items`` of ``meta.json`` are embedding sizes (max index + 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+SPLITS = ("train", "valid", "test")
+
+
+class SnapshotError(FileNotFoundError):
+    """A snapshot file is missing or unreadable; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class RatingArrays:
+    user_idx: np.ndarray  # int64 [N]
+    item_idx: np.ndarray  # int64 [N]
+    rating: np.ndarray  # float32 [N]
+    ts: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.rating)
+
+
+@dataclass(frozen=True)
+class CtrArrays:
+    sparse: np.ndarray  # int64 [N, F], columns in meta["sparse_fields"] order
+    dense: np.ndarray  # float32 [N, D], columns in meta["dense_fields"] order
+    label_like: np.ndarray  # float32 [N]
+    label_love: np.ndarray  # float32 [N]
+    history: np.ndarray  # int64 [N, L], oldest first, right-padded with 0
+    history_len: np.ndarray  # int64 [N]
+    user_idx: np.ndarray  # int64 [N] (= sparse[:, 0]), for per-user metrics
+
+    def __len__(self) -> int:
+        return len(self.label_like)
+
+
+class Snapshot:
+    """One frozen copy of the marts. ``Snapshot(path)`` fails at once if a file is missing."""
+
+    FILES = ("fct_ratings", "fct_ctr_samples", "dim_users", "dim_items", "user_stats", "item_stats")
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        meta = self.path / "meta.json"
+        if not meta.is_file():
+            raise SnapshotError(
+                f"{meta} is missing: {self.path} is not a mart snapshot. Materialise the "
+                "`training_snapshot` asset (it needs the dbt marts) first."
+            )
+        self.meta: dict = json.loads(meta.read_text())
+        for name in self.FILES:
+            if not (self.path / f"{name}.parquet").is_file():
+                raise SnapshotError(
+                    f"{self.path / name}.parquet is missing: the snapshot is incomplete; "
+                    "delete the folder and materialise `training_snapshot` again."
+                )
+
+    @property
+    def n_users(self) -> int:
+        return int(self.meta["n_users"])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.meta["n_items"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    def table(self, name: str):
+        return pq.read_table(self.path / f"{name}.parquet")
+
+    @cached_property
+    def _ratings(self):
+        return self.table("fct_ratings")
+
+    def ratings(self, split: str) -> RatingArrays:
+        t = self._ratings
+        mask = np.asarray(t.column("split").to_numpy(zero_copy_only=False) == split)
+        return RatingArrays(
+            user_idx=t.column("user_idx").to_numpy()[mask].astype(np.int64),
+            item_idx=t.column("item_idx").to_numpy()[mask].astype(np.int64),
+            rating=t.column("rating").to_numpy()[mask].astype(np.float32),
+            ts=t.column("ts").to_numpy()[mask].astype(np.int64),
+        )
+
+    def ctr(self, split: str, max_history: int | None = None) -> CtrArrays:
+        t = self.table("fct_ctr_samples")
+        mask = np.asarray(t.column("split").to_numpy(zero_copy_only=False) == split)
+        idx = np.flatnonzero(mask)
+        sparse = np.stack(
+            [t.column(f).to_numpy()[idx].astype(np.int64) for f in self.meta["sparse_fields"]], axis=1
+        )
+        dense = np.stack(
+            [t.column(f).to_numpy()[idx].astype(np.float32) for f in self.meta["dense_fields"]], axis=1
+        )
+        length = max_history or int(self.meta.get("max_history_len", 0)) or 1
+        history = np.zeros((len(idx), length), dtype=np.int64)
+        lists = t.column("history_item_idx").take(idx).to_pylist()
+        for row, items in enumerate(lists):
+            if items:
+                items = items[-length:]  # most recent `length`, still oldest first
+                history[row, : len(items)] = items
+        return CtrArrays(
+            sparse=sparse,
+            dense=dense,
+            label_like=t.column("label_like").to_numpy()[idx].astype(np.float32),
+            label_love=t.column("label_love").to_numpy()[idx].astype(np.float32),
+            history=history,
+            history_len=np.minimum(t.column("history_len").to_numpy()[idx].astype(np.int64), length),
+            user_idx=sparse[:, 0].copy(),
+        )
+
+    def train_matrix(self, values: str = "rating") -> sp.csr_matrix:
+        """Users x items CSR of train rows (``values``: 'rating' or 'ones'); row/col 0 stay empty."""
+        r = self.ratings("train")
+        data = r.rating if values == "rating" else np.ones(len(r), dtype=np.float32)
+        return sp.csr_matrix(
+            (data, (r.user_idx, r.item_idx)), shape=(self.n_users, self.n_items), dtype=np.float32
+        )
+
+    def item_popularity(self) -> np.ndarray:
+        """Train interaction count per item index (index 0 = 0)."""
+        r = self.ratings("train")
+        return np.bincount(r.item_idx, minlength=self.n_items).astype(np.float32)

@@ -1,0 +1,87 @@
+"""Freeze the marts a training run reads into parquet files plus ``meta.json``.
+
+Training and evaluation then read files, not the warehouse: DuckDB admits one process at
+a time, so a snapshot lets families train in parallel while the next ingest waits for
+nobody, and it pins exactly which rows trained a model (its data version is the hash of
+the marts it holds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+
+SPARSE_FIELDS = ("user_idx", "item_idx", "gender_idx", "age_idx", "occupation_idx", "genre_idx",
+                 "year_idx", "hour_idx", "weekday_idx")  # fmt: skip
+DENSE_FIELDS = ("dense_user_activity", "dense_item_popularity", "dense_item_age")
+TABLES = {
+    "fct_ratings": "SELECT event_id, user_idx, item_idx, rating, ts, split FROM main.fct_ratings "
+    "ORDER BY event_id",
+    "fct_ctr_samples": "SELECT event_id, split, ts, label_like, label_love, "
+    + ", ".join(SPARSE_FIELDS + DENSE_FIELDS)
+    + ", history_item_idx, history_len FROM main.fct_ctr_samples ORDER BY event_id",
+    "dim_users": "SELECT * FROM main.dim_users ORDER BY user_idx",
+    "dim_items": "SELECT * FROM main.dim_items ORDER BY item_idx",
+    "user_stats": "SELECT * FROM main.user_stats ORDER BY user_idx",
+    "item_stats": "SELECT * FROM main.item_stats ORDER BY item_idx",
+}
+
+
+def marts_fingerprint(con: duckdb.DuckDBPyConnection) -> str:
+    """Order-independent content hash of the marts a snapshot holds."""
+    parts = []
+    for table in TABLES:
+        n, h = con.execute(
+            f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM main.{table} t"
+        ).fetchone()
+        parts.append(f"{table}:{n}:{h}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict | None = None) -> Path:
+    """Write ``root/<fingerprint>/`` atomically (temp folder, then rename); reuse it if present."""
+    fingerprint = marts_fingerprint(con)
+    final = root / fingerprint
+    if (final / "meta.json").exists():
+        return final
+    tmp = root / f".{fingerprint}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for table, sql in TABLES.items():
+        path = str(tmp / f"{table}.parquet").replace("'", "''")
+        con.execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet)")
+    cardinality = {
+        field: int(con.execute(f"SELECT coalesce(max({field}), 0) + 1 FROM main.fct_ctr_samples").fetchone()[0])
+        for field in SPARSE_FIELDS
+    }
+    # Train-fitted vocabularies set the embedding sizes; facts can only hold indices <= these.
+    cardinality["user_idx"] = int(con.execute("SELECT count(*) + 1 FROM main.dim_users").fetchone()[0])
+    cardinality["item_idx"] = int(con.execute("SELECT count(*) + 1 FROM main.dim_items").fetchone()[0])
+    splits = dict(con.execute("SELECT split, count(*) FROM main.fct_ratings GROUP BY 1").fetchall())
+    rating_min, rating_max = con.execute("SELECT min(rating), max(rating) FROM main.fct_ratings").fetchone()
+    history_len = con.execute("SELECT max(history_len) FROM main.fct_ctr_samples").fetchone()[0]
+    meta = {
+        "fingerprint": fingerprint,
+        "n_users": cardinality["user_idx"],  # embedding rows, index 0 = unknown
+        "n_items": cardinality["item_idx"],
+        "sparse_fields": list(SPARSE_FIELDS),
+        "sparse_cardinality": cardinality,
+        "dense_fields": list(DENSE_FIELDS),
+        "split_rows": splits,
+        "rating_range": [float(rating_min), float(rating_max)],
+        "max_history_len": int(history_len or 0),
+        **(extra_meta or {}),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / "meta.json").exists():  # lost a race to a writer that failed
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
