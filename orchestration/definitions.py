@@ -5,14 +5,26 @@ from __future__ import annotations
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
+from models.registry import FAMILIES  # noqa: E402
 from orchestration.assets.contracts import mart_contracts
+from orchestration.assets.families import build_family_assets
 from orchestration.assets.ingest import raw_tables
+from orchestration.assets.training import baseline_metrics, build_leaderboard_asset, training_snapshot
 from orchestration.assets.transforms import DBT_EXECUTABLE, dbt_project, transforms
 from orchestration.automation import landing_sensor, nightly_refresh, refresh_all
 from orchestration.resources import WarehouseResource
 
+family_assets = [a for name in FAMILIES for a in build_family_assets(name)]
+
 defs = dg.Definitions(
-    assets=[raw_tables, transforms],
+    assets=[
+        raw_tables,
+        transforms,
+        training_snapshot,
+        baseline_metrics,
+        *family_assets,
+        build_leaderboard_asset(list(FAMILIES)),
+    ],
     asset_checks=[mart_contracts],
     jobs=[refresh_all],
     schedules=[nightly_refresh],

@@ -16,6 +16,8 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_HISTORY_LEN`` | 50 | length of behaviour histories in ``fct_ctr_samples`` |
 | ``RECSYS_SYNTH_USERS`` / ``_ITEMS`` / ``_EVENTS`` / ``_SEED`` | 943 / 1682 / 100000 / 42 | synthetic size |
 | ``RECSYS_MIN_EVENTS`` | 100 | fewest accepted interactions a contract allows |
+| ``RECSYS_MODEL_CONFIG`` | – | TOML of per-family hyper-parameters over ``models/families.toml`` |
+| ``RECSYS_BLESS_TOLERANCE`` | 0.02 | relative regression allowed against the last blessed version |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 """
 
@@ -105,6 +107,8 @@ class Settings:
     synth_seed: int = 42
     min_events: int = 100
     duckdb_memory_limit: str = "2GB"
+    model_config: Path | None = None
+    bless_tolerance: float = 0.02
 
     @property
     def warehouse(self) -> Path:
@@ -123,6 +127,16 @@ class Settings:
     @property
     def reports_dir(self) -> Path:
         return self.home / "reports"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Per-run training, export and evaluation outputs (never overwritten)."""
+        return self.home / "artifacts"
+
+    @property
+    def registry_dir(self) -> Path:
+        """Blessed models only, promoted atomically: <family>/<version>/ and <family>/CURRENT."""
+        return self.home / "registry"
 
     def dbt_vars(self, split: str | None = None) -> dict[str, object]:
         return {
@@ -169,4 +183,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         synth_seed=_env_int(env, "RECSYS_SYNTH_SEED", 42, 0),
         min_events=_env_int(env, "RECSYS_MIN_EVENTS", 100, 1),
         duckdb_memory_limit=env.get("RECSYS_DUCKDB_MEMORY_LIMIT") or "2GB",
+        model_config=Path(env["RECSYS_MODEL_CONFIG"]).expanduser()
+        if env.get("RECSYS_MODEL_CONFIG")
+        else None,
+        bless_tolerance=_env_frac(env, "RECSYS_BLESS_TOLERANCE", 0.02),
     )

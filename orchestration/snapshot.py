@@ -56,7 +56,9 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict 
         path = str(tmp / f"{table}.parquet").replace("'", "''")
         con.execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet)")
     cardinality = {
-        field: int(con.execute(f"SELECT coalesce(max({field}), 0) + 1 FROM main.fct_ctr_samples").fetchone()[0])
+        field: int(
+            con.execute(f"SELECT coalesce(max({field}), 0) + 1 FROM main.fct_ctr_samples").fetchone()[0]
+        )
         for field in SPARSE_FIELDS
     }
     # Train-fitted vocabularies set the embedding sizes; facts can only hold indices <= these.

@@ -1,0 +1,258 @@
+"""Evaluation with onnxruntime only: each exported file is scored on the test split of its
+snapshot, beside the random and popularity baselines scored on exactly the same rows.
+
+Inputs are built by name from the snapshot, so any family whose signature follows
+docs/MODEL_API.md is evaluated without special cases:
+
+    user_idx, item_idx        the test rows' indices (0 = not in the train vocabulary)
+    hist_item_idx/hist_rating the user's train ratings, 0-padded (memory-based CF)
+    sparse, dense, history    the CTR features of fct_ctr_samples
+
+Warm rows (user and item seen in train) give the main rating metrics; cold rows are
+reported separately (the graphs serve them by their documented fallback), with counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from export import baselines as B
+from export.metrics import evaluate_ctr, evaluate_rating, evaluate_topk, interaction_matrix
+from models.data import Snapshot
+
+BATCH = 1024
+TOPK_USER_BATCH = 256
+
+
+def _signature(onnx_dir: Path) -> dict:
+    path = onnx_dir / "signature.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: re-materialise the onnx asset that wrote {onnx_dir}.")
+    return json.loads(path.read_text())
+
+
+def _input_names(signature: dict) -> list[str]:
+    return [i["name"] for i in signature["inputs"]]
+
+
+def _histories(train: sp.csr_matrix, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's train items and ratings, 0-padded to the longest in the batch."""
+    rows = train[users]
+    lengths = np.diff(rows.indptr)
+    width = max(int(lengths.max(initial=0)), 1)
+    items = np.zeros((len(users), width), dtype=np.int64)
+    ratings = np.zeros((len(users), width), dtype=np.float32)
+    for r in range(len(users)):
+        lo, hi = rows.indptr[r], rows.indptr[r + 1]
+        items[r, : hi - lo] = rows.indices[lo:hi]
+        ratings[r, : hi - lo] = rows.data[lo:hi]
+    return items, ratings
+
+
+def _run_batched(scorer, names: list[str], build, n_rows: int, output: str) -> np.ndarray:
+    outs = []
+    for lo in range(0, n_rows, BATCH):
+        sl = slice(lo, min(lo + BATCH, n_rows))
+        feeds = build(sl)
+        outs.append(scorer.run(**{n: feeds[n] for n in names})[output])
+    return np.concatenate(outs)
+
+
+# ----------------------------------------------------------------------------- rating
+
+
+def _rating_rows(snap: Snapshot):
+    test = snap.ratings("test")
+    warm = (test.user_idx > 0) & (test.item_idx > 0)
+    return test, warm
+
+
+def _rating_metrics(y: np.ndarray, pred: np.ndarray, warm: np.ndarray) -> dict[str, float]:
+    metrics = evaluate_rating(y[warm], pred[warm])
+    if (~warm).any():
+        cold = evaluate_rating(y[~warm], pred[~warm])
+        metrics |= {"rmse_cold": cold["rmse"], "mae_cold": cold["mae"]}
+    metrics["n_rows_cold"] = int((~warm).sum())
+    return metrics
+
+
+def evaluate_rating_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
+    test, warm = _rating_rows(snap)
+    names = _input_names(signature)
+    train = snap.train_matrix("rating")
+
+    def build(sl):
+        feeds = {"user_idx": test.user_idx[sl], "item_idx": test.item_idx[sl]}
+        if "hist_item_idx" in names:
+            feeds["hist_item_idx"], feeds["hist_rating"] = _histories(train, test.user_idx[sl])
+        return feeds
+
+    pred = _run_batched(scorer, names, build, len(test), signature["outputs"][0]["name"])
+    return _rating_metrics(test.rating, pred.astype(np.float64), warm)
+
+
+# ----------------------------------------------------------------------------- top-K
+
+
+def _topk_setup(snap: Snapshot):
+    test = snap.ratings("test")
+    keep = (test.user_idx > 0) & (test.item_idx > 0)
+    relevant = interaction_matrix(test.user_idx[keep], test.item_idx[keep], snap.n_users, snap.n_items)
+    users = np.unique(test.user_idx[keep])
+    cold = {
+        "n_test_users_cold_rows": int((test.user_idx == 0).sum()),
+        "n_test_rows_cold_item": int(((test.user_idx > 0) & (test.item_idx == 0)).sum()),
+    }
+    return snap.train_matrix("ones"), relevant, users, cold
+
+
+def evaluate_topk_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
+    exclude, relevant, users, cold = _topk_setup(snap)
+    output = signature["outputs"][0]["name"]
+    metrics = evaluate_topk(
+        lambda u: scorer.run(user_idx=np.asarray(u, dtype=np.int64))[output],
+        exclude,
+        relevant,
+        users=users,
+        batch_size=TOPK_USER_BATCH,
+    )
+    return metrics | cold
+
+
+# ----------------------------------------------------------------------------- CTR
+
+
+def evaluate_ctr_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
+    names = _input_names(signature)
+    history_width = None
+    for spec in signature["inputs"]:
+        if spec["name"] == "history" and isinstance(spec["shape"][1], int):
+            history_width = spec["shape"][1]
+    test = snap.ctr("test", max_history=history_width)
+
+    def build(sl):
+        return {"sparse": test.sparse[sl], "dense": test.dense[sl], "history": test.history[sl]}
+
+    output = signature["outputs"][0]["name"]
+    logits = _run_batched(scorer, names, build, len(test), output)
+    if logits.ndim == 2:  # multi-task: one column per task, like then love
+        out = {}
+        for col, (task, labels) in enumerate((("like", test.label_like), ("love", test.label_love))):
+            if col < logits.shape[1]:
+                out |= evaluate_ctr(labels, logits[:, col], test.user_idx, task_name=task)
+        return out
+    return evaluate_ctr(test.label_like, logits, test.user_idx)
+
+
+EVALUATORS = {"rating": evaluate_rating_onnx, "topk": evaluate_topk_onnx, "ctr": evaluate_ctr_onnx,
+              "multitask": evaluate_ctr_onnx}  # fmt: skip
+
+
+def evaluate_onnx(onnx_dir: Path, snapshot_dir: Path, task: str) -> dict[str, float]:
+    """Metrics of ``onnx_dir/model.onnx`` on the snapshot's test split (onnxruntime only)."""
+    from export.runtime import OrtScorer
+
+    signature = _signature(onnx_dir)
+    scorer = OrtScorer(onnx_dir / "model.onnx")
+    snap = Snapshot(snapshot_dir)
+    metrics = EVALUATORS[task](scorer, signature, snap)
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def evaluate_baselines(snapshot_dir: Path, task: str, seed: int = 0) -> dict[str, dict[str, float]]:
+    """``{"random": metrics, "popularity": metrics}`` on the rows ``evaluate_onnx`` uses."""
+    snap = Snapshot(snapshot_dir)
+    train = snap.ratings("train")
+    if task == "rating":
+        test, warm = _rating_rows(snap)
+        preds = {
+            "random": B.rating_random(train.rating, test.item_idx, seed),
+            "global_mean": B.rating_global_mean(train.rating, test.item_idx),
+            "popularity": B.rating_popularity(train.item_idx, train.rating, test.item_idx, snap.n_items),
+        }
+        out = {name: _rating_metrics(test.rating, p.astype(np.float64), warm) for name, p in preds.items()}
+    elif task == "topk":
+        exclude, relevant, users, cold = _topk_setup(snap)
+        sources = {
+            "random": lambda u: B.topk_random(snap.n_items, np.asarray(u), seed),
+            "popularity": lambda u: np.array(B.topk_popularity(train.item_idx, snap.n_items, np.asarray(u))),
+        }
+        out = {
+            name: evaluate_topk(fn, exclude, relevant, users=users, batch_size=TOPK_USER_BATCH) | cold
+            for name, fn in sources.items()
+        }
+    elif task in ("ctr", "multitask"):
+        test = snap.ctr("test", max_history=1)
+        train_ctr = snap.ctr("train", max_history=1)
+        item = test.sparse[:, 1]
+        out = {}
+        for name in ("random", "popularity"):
+            result: dict[str, float] = {}
+            for task_name, train_labels, labels in (
+                ("like", train_ctr.label_like, test.label_like),
+                ("love", train_ctr.label_love, test.label_love),
+            ):
+                logits = (
+                    B.ctr_random(item, seed)
+                    if name == "random"
+                    else B.ctr_popularity(train_ctr.sparse[:, 1], train_labels, item, snap.n_items)
+                )
+                per_task = evaluate_ctr(labels, logits, test.user_idx, task_name=task_name)
+                result |= per_task
+                if task_name == "like":  # the single-task CTR families predict `like`
+                    result |= evaluate_ctr(labels, logits, test.user_idx)
+            out[name] = result
+    else:
+        raise ValueError(f"unknown task {task!r}: expected rating, topk, ctr or multitask")
+    return {
+        name: {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in m.items()}
+        for name, m in out.items()
+    }
+
+
+def leaderboard_records(
+    evaluations: list[dict], baselines: dict, split: str, data_version: str
+) -> list[dict]:
+    """One record per (model or baseline, metric); baselines once per task."""
+    records = []
+    tasks = set()
+    for ev in evaluations:
+        tasks.add(ev["task"])
+        for metric, value in ev["metrics"].items():
+            records.append(
+                {
+                    "model": ev["family"],
+                    "family_or_baseline": ev["family"],
+                    "task": ev["task"],
+                    "metric": metric,
+                    "value": float(value),
+                    "split": split,
+                    "data_version": data_version,
+                    "version": None,
+                    "is_baseline": False,
+                }  # fmt: skip
+            )
+    for task in sorted(tasks):
+        for name, metrics in baselines.get(task, {}).items():
+            for metric, value in metrics.items():
+                records.append(
+                    {
+                        "model": f"baseline:{name}",
+                        "family_or_baseline": name,
+                        "task": task,
+                        "metric": metric,
+                        "value": float(value),
+                        "split": split,
+                        "data_version": data_version,
+                        "version": None,
+                        "is_baseline": True,
+                    }  # fmt: skip
+                )
+    return records

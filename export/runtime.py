@@ -1,0 +1,105 @@
+"""onnxruntime scoring for evaluation: the same runtime and file the serving teams get."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+# What onnxruntime raises for an unreadable model: a truncated protobuf is InvalidProtobuf,
+# garbage bytes may surface as Fail or InvalidGraph depending on where parsing stops.
+_LOAD_ERRORS = (
+    ort_errors.InvalidProtobuf,
+    ort_errors.InvalidGraph,
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.NoSuchFile,
+    ort_errors.RuntimeException,
+)
+
+_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(bool)": np.bool_}
+
+
+class ModelFileError(RuntimeError):
+    """A model file is missing, corrupt, or does not match its signature.json."""
+
+
+def _producer(path: Path) -> str:
+    """Which run wrote the file, from lineage.json beside it (the ONNX itself may be unreadable)."""
+    lineage = path.parent / "lineage.json"
+    try:
+        info = json.loads(lineage.read_text())
+        return (
+            f"family={info.get('family')} version={info.get('version')} created_at={info.get('created_at')} "
+            f"(from {lineage})"
+        )
+    except (OSError, ValueError):
+        return "unknown (no readable lineage.json beside it)"
+
+
+def _signature_inputs(path: Path) -> list[str] | None:
+    signature = path.parent / "signature.json"
+    if not signature.exists():
+        return None
+    sig = json.loads(signature.read_text())
+    topk = sig.get("topk") or {}
+    block = topk if topk.get("file") == path.name else sig
+    return [t["name"] for t in block["inputs"]]
+
+
+class OrtScorer:
+    """Loads ``path`` once (CPU provider) and scores dicts of numpy arrays in batches."""
+
+    def __init__(self, path: Path | str, batch_size: int = 4096) -> None:
+        self.path = Path(path)
+        self.batch_size = batch_size
+        if not self.path.is_file():
+            raise ModelFileError(f"model file {self.path} does not exist; re-run the export that writes it")
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except _LOAD_ERRORS as e:
+            raise ModelFileError(
+                f"model file {self.path} is corrupt or truncated and onnxruntime cannot load it ({e}). "
+                f"Produced by: {_producer(self.path)}. Re-run that export (and promotion) to rewrite it."
+            ) from e
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._dtypes = {i.name: _ORT_DTYPES.get(i.type) for i in self.session.get_inputs()}
+        expected = _signature_inputs(self.path)
+        if expected is not None and expected != self.input_names:
+            raise ModelFileError(
+                f"model file {self.path} takes inputs {self.input_names} but signature.json beside it "
+                f"declares {expected}: the folder mixes two exports; re-export it"
+            )
+
+    def _check(self, inputs: dict[str, np.ndarray]) -> int:
+        missing = set(self.input_names) - set(inputs)
+        extra = set(inputs) - set(self.input_names)
+        if missing or extra:
+            raise ValueError(
+                f"{self.path.name}: missing inputs {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        rows = {name: len(x) for name, x in inputs.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"{self.path.name}: inputs have different batch sizes {rows}")
+        for name, x in inputs.items():
+            want = self._dtypes[name]
+            if want is not None and x.dtype != want:
+                # No silent casts: an int32 id or float64 feature is a bug upstream of scoring.
+                raise ValueError(
+                    f"{self.path.name}: input {name!r} is {x.dtype}, the graph takes {np.dtype(want)}"
+                )
+        return next(iter(rows.values()))
+
+    def run(self, **inputs: Any) -> dict[str, np.ndarray]:
+        arrays = {name: np.asarray(x) for name, x in inputs.items()}
+        n = self._check(arrays)
+        starts = range(0, n, self.batch_size) if n else [0]
+        parts = [
+            self.session.run(None, {k: v[s : s + self.batch_size] for k, v in arrays.items()}) for s in starts
+        ]
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(self.output_names)}

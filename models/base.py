@@ -1,0 +1,172 @@
+"""What every family hands back: a fitted model that scores, exports, saves and loads.
+
+A family's fitted state lives in one ``torch.nn.Module`` (parameters for neural families,
+buffers for memory-based ones), so saving, loading and ONNX export are the same code for
+all of them. Anything needed to rebuild that module's shapes goes into ``meta`` (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from models.config import parse_config
+
+
+class Task(StrEnum):
+    RATING = "rating"  # user_idx, item_idx -> rating
+    TOPK = "topk"  # user_idx -> scores over all items
+    CTR = "ctr"  # sparse, dense -> logit
+    MULTITASK = "multitask"  # sparse, dense -> logits [batch, n_tasks]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int64" | "float32" | "bool"
+    shape: tuple[str | int, ...]  # strings are symbolic (dynamic) dims such as "batch"
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example_inputs: tuple[torch.Tensor, ...]  # in `inputs` order
+    topk: int | None = None  # K of the extra top-K graph (topk task only)
+    notes: str = ""
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``{tensor name: {axis: symbolic name}}`` for every string dim (inputs and outputs)."""
+        return {
+            t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
+            for t in (*self.inputs, *self.outputs)
+        }
+
+    def dynamic_shapes(self) -> tuple[dict[int, torch.export.Dim], ...]:
+        """The same, as ``torch.export.Dim`` objects per input, for ``dynamo=True`` export.
+
+        One ``Dim`` per symbolic name, so inputs that share "batch" share the dimension.
+        """
+        dims: dict[str, torch.export.Dim] = {}
+        out = []
+        for t in self.inputs:
+            axes = {}
+            for axis, dim in enumerate(t.shape):
+                if isinstance(dim, str):
+                    axes[axis] = dims.setdefault(dim, torch.export.Dim(dim))
+            out.append(axes)
+        return tuple(out)
+
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then ``os.replace``: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class TrainedModel:
+    """Base of every family's fitted model. Subclasses set the class attributes and
+    implement ``build_module`` (rebuild the empty scorer from config + meta) and ``export_spec``."""
+
+    family: ClassVar[str]
+    task: ClassVar[Task]
+    config_cls: ClassVar[type]
+
+    def __init__(self, config: Any, module: nn.Module, meta: dict, history: list[dict] | None = None):
+        self.config = config
+        self.module = module.eval()
+        self.meta = dict(meta)
+        self.history: list[dict] = list(history or [])
+
+    # --- to implement -------------------------------------------------------------------
+    @classmethod
+    def build_module(cls, config: Any, meta: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def export_spec(self) -> ExportSpec:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def scorer(self) -> nn.Module:
+        """The module in eval mode; ``forward(*export_spec().inputs)`` gives the task output."""
+        return self.module.eval()
+
+    @torch.no_grad()
+    def score(self, *inputs) -> torch.Tensor:
+        """Convenience: run the scorer on numpy arrays or tensors without autograd."""
+        return self.scorer()(*(torch.as_tensor(x) for x in inputs))
+
+    def save(self, directory: Path | str) -> Path:
+        """Write ``model.pt`` (state dict) then ``config.json`` (family, config, meta, history).
+
+        Each file is replaced atomically; config.json is written last, so a folder with a
+        config.json always has the matching weights.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_FILE, lambda fh: torch.save(state, fh))
+        doc = {
+            "family": self.family,
+            "task": self.task.value,
+            "config": asdict(self.config),
+            "meta": self.meta,
+            "history": self.history,
+        }
+        # allow_nan=False: config.json must stay strict JSON for whatever reads it next
+        payload = json.dumps(doc, indent=2, default=_json_default, allow_nan=False).encode()
+        _atomic_write(directory / CONFIG_FILE, lambda fh: fh.write(payload))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path | str) -> TrainedModel:
+        directory = Path(directory)
+        doc = json.loads((directory / CONFIG_FILE).read_text())
+        if doc.get("family") != cls.family:
+            raise ValueError(
+                f"{directory / CONFIG_FILE} holds family {doc.get('family')!r}, not {cls.family!r}; "
+                f"load it through models.registry.FAMILIES[{doc.get('family')!r}].load"
+            )
+        config = parse_config(cls.config_cls, doc["config"])
+        module = cls.build_module(config, doc["meta"])
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        return cls(config, module, doc["meta"], doc.get("history"))
+
+
+def load_model(directory: Path | str) -> TrainedModel:
+    """Load any saved model: the family named in its config.json picks the loader."""
+    from models.registry import FAMILIES
+
+    family = json.loads((Path(directory) / CONFIG_FILE).read_text())["family"]
+    if family not in FAMILIES:
+        raise ValueError(f"{directory} holds unknown family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family].load(directory)
+
+
+def _json_default(o):
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if isinstance(o, tuple | list):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,203 @@
+"""One plain training loop for torch families, plus the few metrics they stop early on.
+
+No Trainer hierarchy: a family passes its module, a loss closure, numpy arrays and a
+validation closure. ``export/`` has its own evaluation metrics; the ones here only pick
+epochs, so they stay small and dependency-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+Log = Callable[[str], None]
+
+
+@contextmanager
+def deterministic(seed: int, threads: int | None = None):
+    """Seed torch's global RNG; optionally pin intra-op threads (restored on exit).
+
+    CPU kernels used here are deterministic for a fixed thread count, so a seed is enough;
+    ``threads=1`` additionally makes results independent of the machine's core count.
+    """
+    torch.manual_seed(seed)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def history_row(
+    epoch: int,
+    train_loss: float | None,
+    valid_metric: float | None,
+    metric_name: str,
+    rows: int,
+    seconds: float,
+) -> dict:
+    return {
+        "epoch": int(epoch),
+        "train_loss": None if train_loss is None else float(train_loss),
+        "valid_metric": None if valid_metric is None else float(valid_metric),
+        "valid_metric_name": metric_name,
+        "rows_per_s": float(rows / max(seconds, 1e-9)),
+        "seconds": float(seconds),
+    }
+
+
+def format_row(family: str, row: dict) -> str:
+    metric = "n/a" if row["valid_metric"] is None else f"{row['valid_metric']:.4f}"
+    loss = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+    return (
+        f"[{family}] epoch {row['epoch']:3d}  train_loss {loss}  "
+        f"valid_{row['valid_metric_name']} {metric}  {row['rows_per_s']:,.0f} rows/s  {row['seconds']:.1f}s"
+    )
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer {name!r} is not one of 'adam', 'sgd'")
+
+
+def train_torch(
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor],
+    arrays: Sequence[np.ndarray],
+    evaluate: Callable[[nn.Module], float],
+    *,
+    family: str,
+    metric_name: str,
+    higher_is_better: bool,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    patience: int = 3,
+    seed: int = 0,
+    log: Log = print,
+) -> list[dict]:
+    """Mini-batch training with early stopping; restores the best epoch's weights.
+
+    ``arrays`` are row-aligned numpy arrays (features..., target); each step hands
+    ``loss_fn(module, batch_tensors)`` one shuffled mini-batch of them. ``evaluate(module)``
+    is called in eval mode after every epoch. Returns one history row per epoch.
+    """
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"{family}: training arrays have different lengths {[len(a) for a in arrays]}")
+    if n == 0:
+        raise ValueError(f"{family}: no training rows; is the snapshot's train split empty?")
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = make_optimizer(module.parameters(), optimizer, lr, momentum, weight_decay)
+    history: list[dict] = []
+    best, best_state, bad = None, copy.deepcopy(module.state_dict()), 0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        module.train()
+        order = torch.from_numpy(rng.permutation(n))
+        total, seen = 0.0, 0
+        for lo in range(0, n, batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = [t[idx] for t in tensors]
+            loss = loss_fn(module, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{family}: loss became {loss.item()} in epoch {epoch}; lower the learning rate ({lr})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        module.eval()
+        with torch.no_grad():
+            metric = float(evaluate(module))
+        seconds = time.perf_counter() - start
+        row = history_row(epoch, total / seen, metric, metric_name, seen, seconds)
+        history.append(row)
+        log(format_row(family, row))
+        improved = best is None or (metric > best if higher_is_better else metric < best)
+        if improved:
+            best, best_state, bad = metric, copy.deepcopy(module.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= patience:
+                log(f"[{family}] early stop: no better valid_{metric_name} for {patience} epochs")
+                break
+    module.load_state_dict(best_state)
+    module.eval()
+    log(f"[{family}] best valid_{metric_name} {best:.4f}")
+    return history
+
+
+# --- metrics ------------------------------------------------------------------------------
+def rmse(pred: np.ndarray, target: np.ndarray) -> float:
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    return float(np.sqrt(np.mean((pred - target) ** 2)))
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula; ties get average ranks."""
+    labels = np.asarray(labels) > 0.5
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUC needs both classes; got {n_pos} positives and {n_neg} negatives")
+    ranks = rankdata(np.asarray(scores, np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def ranking_metrics(
+    scores: np.ndarray,
+    train: sp.csr_matrix,
+    users: np.ndarray,
+    relevant: sp.csr_matrix,
+    k_ndcg: int = 10,
+    k_recall: int = 20,
+) -> dict[str, float]:
+    """Mean NDCG@k and Recall@k over ``users`` from full-catalogue ``scores [len(users), n_items]``.
+
+    Train items and column 0 are excluded from the ranking; ``relevant`` is users x items
+    (the split's held-out items). Recall@k divides by min(k, |relevant|) so a perfect
+    ranking scores 1.
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    scores[:, 0] = -np.inf
+    seen = train[users]
+    rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
+    scores[rows, seen.indices] = -np.inf
+    k = max(k_ndcg, k_recall)
+    top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+    rel = relevant[users]
+    discounts = 1.0 / np.log2(np.arange(2, k_ndcg + 2))
+    ndcg, recall = [], []
+    for r in range(len(users)):
+        truth = set(rel.indices[rel.indptr[r] : rel.indptr[r + 1]].tolist())
+        if not truth:
+            continue
+        hits = np.array([t in truth for t in top[r]], dtype=np.float64)
+        ideal = discounts[: min(len(truth), k_ndcg)].sum()
+        ndcg.append(float((hits[:k_ndcg] * discounts).sum() / ideal))
+        recall.append(float(hits[:k_recall].sum() / min(len(truth), k_recall)))
+    if not ndcg:
+        raise ValueError("no user with relevant items to rank")
+    return {f"ndcg@{k_ndcg}": float(np.mean(ndcg)), f"recall@{k_recall}": float(np.mean(recall))}
