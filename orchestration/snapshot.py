@@ -43,8 +43,23 @@ def marts_fingerprint(con: duckdb.DuckDBPyConnection) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+class MissingMartError(LookupError):
+    """A mart the snapshot needs is not in the warehouse."""
+
+
+def require_marts(con: duckdb.DuckDBPyConnection) -> None:
+    present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    missing = [t for t in TABLES if t not in present]
+    if missing:
+        raise MissingMartError(
+            f"The warehouse has no mart {', '.join(missing)} (schema main): materialise the dbt "
+            "assets (the `marts` group, or the whole graph with `recsys run`) before training."
+        )
+
+
 def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict | None = None) -> Path:
     """Write ``root/<fingerprint>/`` atomically (temp folder, then rename); reuse it if present."""
+    require_marts(con)
     fingerprint = marts_fingerprint(con)
     final = root / fingerprint
     if (final / "meta.json").exists():

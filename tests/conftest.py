@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +37,31 @@ def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
+
+
+HANDOFF = TESTS.parent / "export" / "handoff"
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"`{name}` is not on PATH: install Node.js >= 18 with npm to run the ONNX handoff proof")
+    return found
+
+
+@pytest.fixture(scope="session")
+def handoff_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temp copy of export/handoff with onnxruntime-node installed (offline: --ignore-scripts)."""
+    work = tmp_path_factory.mktemp("handoff")
+    for name in ("package.json", "score.mjs"):
+        shutil.copy(HANDOFF / name, work / name)
+    result = subprocess.run(
+        [_tool("npm"), "install", "--ignore-scripts", "--no-audit", "--no-fund"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"npm install in {work} failed:\n{result.stdout}\n{result.stderr}")
+    return work

@@ -13,39 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import _tool
 from test_export import N_ITEMS, N_USERS, TOYS, K
 
 from export.golden import write_golden
 from export.onnx_export import export_onnx, export_topk_onnx, topk_spec
 from export.parity import standard_cases
 
-HANDOFF = Path(__file__).resolve().parents[1] / "export" / "handoff"
 TOLERANCE = 1e-5
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"`{name}` is not on PATH: install Node.js >= 18 with npm to run the ONNX handoff proof")
-    return found
-
-
-@pytest.fixture(scope="session")
-def handoff_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A temp copy of export/handoff with onnxruntime-node installed (offline: --ignore-scripts)."""
-    work = tmp_path_factory.mktemp("handoff")
-    for name in ("package.json", "score.mjs"):
-        shutil.copy(HANDOFF / name, work / name)
-    result = subprocess.run(
-        [_tool("npm"), "install", "--ignore-scripts", "--no-audit", "--no-fund"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"npm install in {work} failed:\n{result.stdout}\n{result.stderr}")
-    return work
 
 
 def _publish(registry: Path, family: str, onnx_source: Path, inputs: dict[str, np.ndarray]) -> None:

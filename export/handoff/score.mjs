@@ -82,7 +82,9 @@ async function main() {
       console.log(JSON.stringify({ family, error: String(err && err.message ? err.message : err) }));
     }
   }
-  process.exit(failed ? 1 : 0);
+  // exitCode, not process.exit(): exit() drops whatever of a large stdout write is still
+  // queued for a pipe (a top-K family's golden scores are hundreds of kB).
+  process.exitCode = failed ? 1 : 0;
 }
 
 await main();
