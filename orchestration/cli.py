@@ -66,6 +66,29 @@ def _summary(env: dict[str, str]) -> None:
         print("  split sizes: " + ", ".join(f"{s}={n:,}" for s, n in splits))
     finally:
         con.close()
+    board = Path(env["RECSYS_HOME"]) / "reports" / "leaderboard.json"
+    if board.exists():
+        _print_leaderboard(board)
+
+
+def _print_leaderboard(path: Path) -> None:
+    """Each task's main metric for every model and baseline, best first."""
+    import json
+
+    data = json.loads(path.read_text())
+    main = data["main_metric"]
+    print(f"\nleaderboard ({path}):")
+    for task, (metric, direction) in main.items():
+        rows = [r for r in data["records"] if r["task"] == task and r["metric"] == metric]
+        if not rows:
+            continue
+        rows.sort(key=lambda r: r["value"], reverse=direction == "max")
+        print(f"  {task} ({metric}, {'higher' if direction == 'max' else 'lower'} is better)")
+        for r in rows:
+            print(f"    {r['model']:<24} {r['value']:.4f}")
+    registry = path.parent.parent / "registry" / "index.json"
+    if registry.exists():
+        print(f"registry: {registry.parent}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,25 @@
+"""The training snapshot: a clear error without marts, atomic and content-addressed with them."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from models.data import Snapshot, SnapshotError
+from orchestration.snapshot import MissingMartError, write_snapshot
+
+
+def test_missing_mart_names_it_and_the_fix(tmp_path):
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute("CREATE TABLE main.fct_ratings (event_id BIGINT)")
+    with pytest.raises(MissingMartError, match=r"fct_ctr_samples.*materialise the dbt"):
+        write_snapshot(con, tmp_path / "snapshots")
+    assert not (tmp_path / "snapshots").exists() or not any((tmp_path / "snapshots").iterdir())
+
+
+def test_incomplete_snapshot_folder_is_refused(tmp_path):
+    with pytest.raises(SnapshotError, match="meta.json is missing"):
+        Snapshot(tmp_path)
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(SnapshotError, match=r"fct_ratings\.parquet is missing"):
+        Snapshot(tmp_path)
