@@ -22,11 +22,14 @@ Log = Callable[[str], None]
 
 
 @contextmanager
-def deterministic(seed: int, threads: int | None = None):
-    """Seed torch's global RNG; optionally pin intra-op threads (restored on exit).
+def deterministic(seed: int, threads: int | None = 1):
+    """Seed torch's global RNG and pin intra-op threads (restored on exit).
 
-    CPU kernels used here are deterministic for a fixed thread count, so a seed is enough;
-    ``threads=1`` additionally makes results independent of the machine's core count.
+    One thread by default: these embedding models gain nothing from intra-op parallelism at
+    batch ~1k, and on a small shared machine torch's spinning OpenMP threads made DeepFM
+    training ~25x slower when another process was busy (measured in the pipeline benchmark).
+    Families train in parallel as separate Dagster steps instead. A fixed thread count also
+    makes results independent of the machine's core count. ``threads=None`` leaves torch's.
     """
     torch.manual_seed(seed)
     old = torch.get_num_threads()

@@ -36,7 +36,13 @@ class WarehouseResource(dg.ConfigurableResource):
                     f"The warehouse {path} does not exist yet: materialise the ingest assets "
                     "(raw_interactions, raw_users, raw_items) first."
                 )
-            con = duckdb.connect(str(path), read_only=True)
+            # Readers get the same memory limit as writers: a snapshot of 10M rows otherwise
+            # grew DuckDB's buffer pool to 5 GiB.
+            con = duckdb.connect(
+                str(path),
+                read_only=True,
+                config={"memory_limit": self.memory_limit or settings.duckdb_memory_limit},
+            )
         else:
             con = connect(
                 path,

@@ -56,10 +56,19 @@ def test_definitions_load():
         assert repo.asset_graph.get(dg.AssetKey(key)).code_version
 
 
+DATA_GROUPS = {"ingest", "staging", "intermediate", "marts"}
+
+
+def _data_assets():
+    graph = _defs().get_repository_def().asset_graph
+    return [k for k in graph.get_all_asset_keys() if graph.get(k).group_name in DATA_GROUPS]
+
+
 @pytest.mark.slow
 def test_end_to_end_materialisation(small_synthetic):
+    """Every data asset (ingest, dbt, contracts); the model chain is test_models_pipeline.py."""
     instance = dg.DagsterInstance.get()
-    result = _run(instance)
+    result = _run(instance, selection=_data_assets())
     assert result.success, [e.message for e in result.all_events if e.is_failure]
 
     mats = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -109,6 +118,7 @@ def test_failed_contract_blocks_downstream(recsys_home, dagster_home, tmp_path):
     result = _run(
         instance,
         run_config={"ops": {"raw_tables": {"config": {"source": "files", "data_path": str(path)}}}},
+        selection=_data_assets(),
     )
     assert not result.success
     evaluations = {
