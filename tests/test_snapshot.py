@@ -23,3 +23,25 @@ def test_incomplete_snapshot_folder_is_refused(tmp_path):
     (tmp_path / "meta.json").write_text("{}")
     with pytest.raises(SnapshotError, match=r"fct_ratings\.parquet is missing"):
         Snapshot(tmp_path)
+
+
+def test_every_family_has_one_config_entry():
+    import tomllib
+
+    from models.registry import FAMILIES
+    from orchestration.assets.training import FAMILY_CONFIG_FILE
+
+    assert set(tomllib.loads(FAMILY_CONFIG_FILE.read_text())) == set(FAMILIES)
+
+
+def test_model_config_section_for_unknown_family_is_refused(tmp_path, monkeypatch):
+    import dagster as dg
+
+    from orchestration.assets.training import family_configs
+    from orchestration.settings import load_settings
+
+    bad = tmp_path / "models.toml"
+    bad.write_text("[deep_fm]\nepochs = 3\n")
+    monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(bad))
+    with pytest.raises(dg.Failure, match=r"\[deep_fm\].*known families: deepfm"):
+        family_configs(load_settings())

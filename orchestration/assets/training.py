@@ -36,7 +36,14 @@ def family_configs(settings: Settings) -> dict[str, dict]:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise dg.Failure(f"model config {path} cannot be read as TOML ({exc}).") from exc
+        from models.registry import FAMILIES
+
         for family, values in data.items():
+            if family not in FAMILIES:
+                raise dg.Failure(
+                    f"model config {path} has a section [{family}], which is not a family; "
+                    f"known families: {', '.join(sorted(FAMILIES))}."
+                )
             merged.setdefault(family, {}).update(values)
     return merged
 
