@@ -48,7 +48,10 @@ class MissingMartError(LookupError):
 
 
 def require_marts(con: duckdb.DuckDBPyConnection) -> None:
-    present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    present = {
+        r[0]
+        for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    }
     missing = [t for t in TABLES if t not in present]
     if missing:
         raise MissingMartError(
