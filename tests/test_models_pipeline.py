@@ -146,3 +146,23 @@ def test_failed_retrain_keeps_blessed_model(pipeline, tmp_path):
     message = str(failure.event_specific_data.error)
     assert "embedding_dimension" in message and "deepfm" in message
     assert current_version("deepfm", registry) == before
+
+
+@pytest.mark.slow
+def test_reevaluation_checks_regression_against_blessed_version(pipeline):
+    registry = pipeline["home"] / "registry"
+    before = current_version("mf_sgd", registry)
+    job = pipeline["defs"].resolve_job_def("refresh_all")
+    result = job.execute_in_process(
+        instance=pipeline["instance"],
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey("eval_mf_sgd"), dg.AssetKey("registry_mf_sgd")],
+    )
+    assert result.success
+    check = _checks(result, "blessing")["eval_mf_sgd"]
+    assert check.passed
+    assert check.metadata["previous_version"].value == before
+    assert check.metadata["same_data_as_previous"].value == "True"
+    assert any("regress" in r or before in r for r in check.metadata["reasons"].value)
+    after = current_version("mf_sgd", registry)
+    assert after != before and (registry / "mf_sgd" / before).is_dir()  # old version kept

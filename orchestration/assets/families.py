@@ -193,6 +193,7 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "metrics.json", metrics)
         task_baselines = baselines[task]
+        meta = json.loads((Path(snapshot) / "meta.json").read_text())
         blessing = bless(
             name,
             task,
@@ -200,6 +201,8 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
             task_baselines["popularity"],
             settings.registry_dir,
             settings.bless_tolerance,
+            # compared with the blessed version's lineage.json data_fingerprint
+            data_version=(meta.get("upstream") or {}).get("raw_interactions"),
         )
         value = {
             "family": name,
@@ -230,6 +233,7 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
                 "value": float(blessing.value),
                 "popularity": float(blessing.baseline_value),
                 "previous_version": str(blessing.previous_version),
+                "same_data_as_previous": str(blessing.data_version_match),
             },
         )
 
