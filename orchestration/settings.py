@@ -18,6 +18,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_MIN_EVENTS`` | 100 | fewest accepted interactions a contract allows |
 | ``RECSYS_MODEL_CONFIG`` | – | TOML of per-family hyper-parameters over ``models/families.toml`` |
 | ``RECSYS_BLESS_TOLERANCE`` | 0.02 | relative regression allowed against the last blessed version |
+| ``RECSYS_MAX_CONCURRENT`` | 1 | steps run at once: 1 = one process per run (in-process executor) |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 """
 
@@ -108,6 +109,7 @@ class Settings:
     min_events: int = 100
     duckdb_memory_limit: str = "2GB"
     model_config: Path | None = None
+    max_concurrent: int = 1
     bless_tolerance: float = 0.02
 
     @property
@@ -187,4 +189,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         if env.get("RECSYS_MODEL_CONFIG")
         else None,
         bless_tolerance=_env_frac(env, "RECSYS_BLESS_TOLERANCE", 0.02),
+        max_concurrent=_env_int(env, "RECSYS_MAX_CONCURRENT", 1, 1),
     )
