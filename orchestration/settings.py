@@ -16,6 +16,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_HISTORY_LEN`` | 50 | length of behaviour histories in ``fct_ctr_samples`` |
 | ``RECSYS_SYNTH_USERS`` / ``_ITEMS`` / ``_EVENTS`` / ``_SEED`` | 943 / 1682 / 100000 / 42 | synthetic size |
 | ``RECSYS_MIN_EVENTS`` | 100 | fewest accepted interactions a contract allows |
+| ``RECSYS_CONTRACT_MAX_ROWS`` | 1000000 | read by data_contracts: sample size for large tables |
 | ``RECSYS_MODEL_CONFIG`` | – | TOML of per-family hyper-parameters over ``models/families.toml`` |
 | ``RECSYS_BLESS_TOLERANCE`` | 0.02 | relative regression allowed against the last blessed version |
 | ``RECSYS_MAX_CONCURRENT`` | 1 | steps run at once: 1 = one process per run (in-process executor) |

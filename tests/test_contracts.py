@@ -417,3 +417,19 @@ def test_markdown_is_a_compact_table(con: duckdb.DuckDBPyConnection) -> None:
     assert header in markdown
     fail_row = markdown.splitlines()[4]
     assert fail_row.startswith("| FAIL | expect_column_value_lengths_to_be_between | genres |")
+
+
+def test_large_tables_are_sampled_but_counted_in_full(con: duckdb.DuckDBPyConnection) -> None:
+    """Above max_rows GX sees a sample; row counts still come from the whole table."""
+    result = run_suite(con, "fct_ratings", max_rows=50)
+    assert result.success and result.n_rows == 180 and result.sampled_rows == 50
+    assert "sample of 50" in result.to_markdown()
+    con.execute("DELETE FROM raw.interactions WHERE source_row = 1")
+    outcome = failing(run_suite(con, "fct_ratings", max_rows=50), "expect_table_row_count_to_equal", None)
+    assert (outcome.observed, outcome.kwargs["value"]) == (180, 179)
+
+
+def test_sampled_run_still_catches_a_broken_column(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("UPDATE fct_ratings SET rating = 9")
+    result = run_suite(con, "fct_ratings", max_rows=50)
+    assert failing(result, "expect_column_values_to_be_between", "rating").unexpected_count == 50

@@ -39,7 +39,8 @@ def contract_check_result(
         metadata={
             "suite": suite,
             "relation": result.relation,
-            "rows_validated": result.n_rows,
+            "rows_in_table": result.n_rows,
+            "rows_sampled": result.sampled_rows if result.sampled_rows is not None else result.n_rows,
             "expectations": len(result.outcomes),
             "failed_expectations": len(failed),
             "failed": dg.MetadataValue.json(
