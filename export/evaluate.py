@@ -53,13 +53,18 @@ def _histories(train: sp.csr_matrix, users: np.ndarray) -> tuple[np.ndarray, np.
     return items, ratings
 
 
-def _run_batched(scorer, names: list[str], build, n_rows: int, output: str) -> np.ndarray:
+def _run_batched(scorer, names: list[str], build, n_rows: int, output: str, order=None) -> np.ndarray:
+    """Score rows in batches; ``order`` (a permutation) groups rows into batches, results come
+    back in the original row order."""
+    order = np.arange(n_rows) if order is None else order
     outs = []
     for lo in range(0, n_rows, BATCH):
-        sl = slice(lo, min(lo + BATCH, n_rows))
-        feeds = build(sl)
+        feeds = build(order[lo : lo + BATCH])
         outs.append(scorer.run(**{n: feeds[n] for n in names})[output])
-    return np.concatenate(outs)
+    result = np.empty_like(np.concatenate(outs)) if outs else np.zeros(0, np.float32)
+    if outs:
+        result[order] = np.concatenate(outs)
+    return result
 
 
 # ----------------------------------------------------------------------------- rating
@@ -85,13 +90,15 @@ def evaluate_rating_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, f
     names = _input_names(signature)
     train = snap.train_matrix("rating")
 
-    def build(sl):
-        feeds = {"user_idx": test.user_idx[sl], "item_idx": test.item_idx[sl]}
+    def build(rows):
+        feeds = {"user_idx": test.user_idx[rows], "item_idx": test.item_idx[rows]}
         if "hist_item_idx" in names:
-            feeds["hist_item_idx"], feeds["hist_rating"] = _histories(train, test.user_idx[sl])
+            feeds["hist_item_idx"], feeds["hist_rating"] = _histories(train, test.user_idx[rows])
         return feeds
 
-    pred = _run_batched(scorer, names, build, len(test), signature["outputs"][0]["name"])
+    # Batches of users with similar history lengths: each batch is padded to its longest.
+    order = np.argsort(np.diff(train.indptr)[test.user_idx], kind="stable")
+    pred = _run_batched(scorer, names, build, len(test), signature["outputs"][0]["name"], order)
     return _rating_metrics(test.rating, pred.astype(np.float64), warm)
 
 
@@ -134,8 +141,8 @@ def evaluate_ctr_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, floa
             history_width = spec["shape"][1]
     test = snap.ctr("test", max_history=history_width)
 
-    def build(sl):
-        return {"sparse": test.sparse[sl], "dense": test.dense[sl], "history": test.history[sl]}
+    def build(rows):
+        return {"sparse": test.sparse[rows], "dense": test.dense[rows], "history": test.history[rows]}
 
     output = signature["outputs"][0]["name"]
     logits = _run_batched(scorer, names, build, len(test), output)

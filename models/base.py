@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -84,7 +85,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-class TrainedModel:
+class TrainedModel(ABC):
     """Base of every family's fitted model. Subclasses set the class attributes and
     implement ``build_module`` (rebuild the empty scorer from config + meta) and ``export_spec``."""
 
@@ -100,11 +101,13 @@ class TrainedModel:
 
     # --- to implement -------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def build_module(cls, config: Any, meta: dict) -> nn.Module:
-        raise NotImplementedError
+        """Rebuild the empty scorer module from config + meta (weights are loaded after)."""
 
+    @abstractmethod
     def export_spec(self) -> ExportSpec:
-        raise NotImplementedError
+        """Input/output names, dtypes, symbolic shapes and example inputs of ``scorer()``."""
 
     # --- shared ---------------------------------------------------------------------------
     def scorer(self) -> nn.Module:

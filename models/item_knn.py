@@ -288,15 +288,26 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     return model
 
 
+def by_history_length(train: sp.csr_matrix, user_idx: np.ndarray) -> np.ndarray:
+    """Row order that groups users with similar history lengths.
+
+    A batch is padded to its longest history and costs batch x k x L, so mixing one heavy
+    user into every batch made the 10M-event benchmark's scoring ~15x slower than sorted.
+    """
+    return np.argsort(np.diff(train.indptr)[np.asarray(user_idx)], kind="stable")
+
+
 @torch.no_grad()
 def predict(
     model: ItemKNN, train: sp.csr_matrix, user_idx: np.ndarray, item_idx: np.ndarray, batch: int = 1024
 ) -> np.ndarray:
     """Score (user, item) rows through the scorer, building each batch's history from ``train``."""
     scorer = model.scorer()
-    out = []
-    for lo in range(0, len(user_idx), batch):
-        hist, hr = history_arrays(train, user_idx[lo : lo + batch])
-        items = torch.from_numpy(np.asarray(item_idx[lo : lo + batch], dtype=np.int64))
-        out.append(scorer(items, torch.from_numpy(hist), torch.from_numpy(hr)).numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    order = by_history_length(train, user_idx)
+    users, items_all = np.asarray(user_idx)[order], np.asarray(item_idx, dtype=np.int64)[order]
+    out = np.zeros(len(order), dtype=np.float32)
+    for lo in range(0, len(order), batch):
+        hist, hr = history_arrays(train, users[lo : lo + batch])
+        items = torch.from_numpy(items_all[lo : lo + batch])
+        out[order[lo : lo + batch]] = scorer(items, torch.from_numpy(hist), torch.from_numpy(hr)).numpy()
+    return out
