@@ -107,6 +107,14 @@ def solve_rows(
         hi = min(max(hi, lo + 1), n_rows)
         block = weights[lo:hi]
         y = fixed[block.indices]  # [nnz_c, d]
+        if hi - lo == 1:
+            # One row with many cells (a hit item at 10M events has ~10^5): Y^T W Y as one
+            # matmul, never the nnz x d x d stack of outer products (~0.8 GB per 10^5 cells).
+            w = block.data.astype(np.float64)
+            a = base + (y * (w - omega0)[:, None]).T @ y
+            out[lo] = np.linalg.solve(a, y.T @ w)
+            lo = hi
+            continue
         rows = np.repeat(np.arange(hi - lo), np.diff(block.indptr))
         # segment sums as sparse (rows x nnz) products: empty rows simply get 0
         seg = sp.csr_matrix((block.data - omega0, (rows, np.arange(len(rows)))), shape=(hi - lo, len(rows)))
@@ -123,10 +131,15 @@ def objective(u: np.ndarray, v: np.ndarray, weights: sp.csr_matrix, omega0: floa
     """The weighted objective without the dense matrix: sum over all cells of (u.v)^2 is
     ``sum((U^T U) * (V^T V))``, from which the observed cells are subtracted."""
     w = weights.tocoo()
-    pred = np.einsum("nd,nd->n", u[w.row], v[w.col])
+    obs = pred_sq = 0.0
+    # In chunks of cells: gathering u[row], v[col] for all 10M cells at once took ~5 GB.
+    for lo in range(0, w.nnz, 1 << 20):
+        sl = slice(lo, lo + (1 << 20))
+        pred = np.einsum("nd,nd->n", u[w.row[sl]], v[w.col[sl]])
+        obs += float(np.sum(w.data[sl] * (1.0 - pred) ** 2))
+        pred_sq += float(np.sum(pred**2))
     all_sq = float(np.sum((u.T @ u) * (v.T @ v)))
-    obs = float(np.sum(w.data * (1.0 - pred) ** 2))
-    unobs = omega0 * (all_sq - float(np.sum(pred**2)))
+    unobs = omega0 * (all_sq - pred_sq)
     return obs + unobs + lam * float(np.sum(u**2) + np.sum(v**2))
 
 

@@ -410,3 +410,14 @@ def test_auc_matches_pair_counting():
     s, y = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.4
     pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
     assert auc(s, y) == pytest.approx(np.mean(pairs))
+
+
+def test_wals_row_solve_is_the_same_for_heavy_rows():
+    """Rows with more cells than a chunk take the single-matmul path; it must agree."""
+    rng = np.random.default_rng(0)
+    dense = (rng.random((30, 12)) < 0.5) * rng.integers(1, 6, (30, 12))
+    weights = wals.confidence_weights(sp.csr_matrix(dense.astype(np.float64)), 1.0, 1.0)
+    fixed = rng.normal(size=(12, 4))
+    chunked = wals.solve_rows(fixed, weights, 0.1, 2.0, chunk_nnz=10_000)
+    one_by_one = wals.solve_rows(fixed, weights, 0.1, 2.0, chunk_nnz=1)
+    np.testing.assert_allclose(one_by_one, chunked, rtol=1e-8, atol=1e-10)
