@@ -78,7 +78,8 @@ def _measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, peak / 2**30, text
 
 
-def run(n_events: int, home: Path) -> list[tuple[str, float, float]]:
+def bench_env(home: Path, n_events: int) -> dict[str, str]:
+    """Environment of one benchmark size: synthetic shape, warehouse path, telemetry off."""
     users, items = SHAPES.get(n_events, (max(50, n_events // 140), max(100, n_events // 900)))
     env = dict(os.environ)
     env.update(
@@ -88,8 +89,14 @@ def run(n_events: int, home: Path) -> list[tuple[str, float, float]]:
         RECSYS_SYNTH_EVENTS=str(n_events),
         RECSYS_WAREHOUSE=str(home / "warehouse.duckdb"),
         DBT_SEND_ANONYMOUS_USAGE_STATS="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     env.setdefault("RECSYS_DUCKDB_MEMORY_LIMIT", "2GB")  # the default of settings
+    return env
+
+
+def run(n_events: int, home: Path) -> list[tuple[str, float, float]]:
+    env = bench_env(home, n_events)
     rows = []
     wall, peak, out = _measure([sys.executable, "-c", INGEST], env)
     rows.append(("ingest (generate + validate)", wall, peak))

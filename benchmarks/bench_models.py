@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ingest_dbt import INGEST, ROOT, SHAPES, _measure  # noqa: E402
+from bench_ingest_dbt import INGEST, _measure, bench_env  # noqa: E402
 
 DEFAULT_FAMILIES = ("item_knn", "wals")
 
@@ -67,22 +67,6 @@ best = max((h.get("valid_metric") for h in model.history if h.get("valid_metric"
 print("RESULT", json.dumps({"fit_s": seconds, "epochs": len(model.history),
       "metric": last.get("valid_metric_name"), "best": best}))
 """
-
-
-def bench_env(home: Path, n_events: int) -> dict[str, str]:
-    users, items = SHAPES.get(n_events, (max(50, n_events // 140), max(100, n_events // 900)))
-    env = dict(os.environ)
-    env.update(
-        RECSYS_HOME=str(home),
-        RECSYS_SYNTH_USERS=str(users),
-        RECSYS_SYNTH_ITEMS=str(items),
-        RECSYS_SYNTH_EVENTS=str(n_events),
-        RECSYS_WAREHOUSE=str(home / "warehouse.duckdb"),
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    env.setdefault("RECSYS_DUCKDB_MEMORY_LIMIT", "2GB")
-    return env
 
 
 def prepare(n_events: int, home: Path, log=print) -> Path:

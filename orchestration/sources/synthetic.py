@@ -681,15 +681,15 @@ def _generate_block(
             chosen[follow[ok]] = cand[ok, best[ok]]
 
         # Normal draw: popularity candidates re-sampled by taste (importance weights).
-        todo = np.flatnonzero(chosen < 0)
-        if todo.size:
-            cand, noise = sampler.draw(_mix(h[todo, None] ^ slots))
-            flat = row_base[todo, None] + cand
+        undrawn = np.flatnonzero(chosen < 0)
+        if undrawn.size:
+            cand, noise = sampler.draw(_mix(h[undrawn, None] ^ slots))
+            flat = row_base[undrawn, None] + cand
             score = weight * taste_flat[flat] + sampler.log_ratio[cand] + noise
             score[seen[flat]] = -np.inf
             best = score.argmax(axis=1)
-            chosen[todo] = cand[np.arange(todo.size), best]
-            stuck = todo[np.isneginf(score[np.arange(todo.size), best])]
+            chosen[undrawn] = cand[np.arange(undrawn.size), best]
+            stuck = undrawn[np.isneginf(score[np.arange(undrawn.size), best])]
             if stuck.size:  # every candidate already seen: exact draw over the unseen items
                 hf = _mix(
                     _mix(fallback_keys[stuck] ^ np.uint64(pos))[:, None] ^ np.arange(n_items, dtype=np.uint64)
