@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 
 
 def _family(cls: type) -> str:
-    return cls.__module__.rsplit(".", 1)[-1]
+    """The family a Config belongs to: its ``FAMILY`` class attribute when one module holds
+    several families (models/ncf.py), else the module's name."""
+    return getattr(cls, "FAMILY", None) or cls.__module__.rsplit(".", 1)[-1]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -1,0 +1,172 @@
+"""NCF families (gmf, ncf_mlp, neumf) on the tiny planted snapshot of test_models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_models import write_tiny_snapshot
+
+from models import ncf
+from models.config import ConfigError, parse_config
+from models.data import Snapshot
+
+FAST = {"epochs": 2, "eval_users": 20}
+FAMILIES = sorted(ncf.FAMILIES_IN_FILE)
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory) -> Snapshot:
+    return Snapshot(write_tiny_snapshot(tmp_path_factory.mktemp("ncf_snap")))
+
+
+_FITTED: dict[str, object] = {}
+
+
+def fast_config(name: str):
+    cfg_cls = ncf.FAMILIES_IN_FILE[name][0]
+    extra = {"pretrain_epochs": 2} if name == "neumf" else {}
+    return parse_config(cfg_cls, FAST | extra)
+
+
+@pytest.fixture
+def fitted(snapshot):
+    def get(name: str):
+        if name not in _FITTED:
+            _, fit, _ = ncf.FAMILIES_IN_FILE[name]
+            _FITTED[name] = fit(snapshot, fast_config(name), lambda _: None)
+        return _FITTED[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_scorer_shapes_dtypes_and_padding(name, fitted, snapshot):
+    model = fitted(name)
+    assert model.family == name and model.task is ncf.Task.TOPK
+    spec = model.export_spec()
+    assert [t.name for t in spec.inputs] == ["user_idx"] and spec.topk == ncf.TOPK
+    users = torch.arange(0, snapshot.n_users + 3)  # includes unknown 0 and out-of-range ids
+    with torch.no_grad():
+        out = model.scorer()(users)
+    assert out.dtype == torch.float32 and tuple(out.shape) == (len(users), snapshot.n_items)
+    assert torch.isfinite(out).all() and (out[:, 0] == -1e9).all()
+    assert {"epoch", "train_loss", "valid_metric", "valid_metric_name", "rows_per_s", "seconds"} <= set(
+        model.history[-1]
+    )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unknown_user_gets_train_popularity(name, fitted, snapshot):
+    model = fitted(name)
+    pop = snapshot.item_popularity().astype(np.float64)
+    expected = (pop / pop.max()).astype(np.float32)
+    with torch.no_grad():
+        out = model.scorer()(torch.tensor([0, snapshot.n_users, -1])).numpy()
+    for row in out:
+        np.testing.assert_allclose(row[1:], expected[1:], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pair_logits_match_full_scores(name, fitted, snapshot):
+    """The broadcast all-items path (split first MLP layer) equals the per-pair training path."""
+    module = fitted(name).module
+    users = torch.tensor([1, 5, 17])
+    with torch.no_grad():
+        full = module(users)
+        u = users.repeat_interleave(snapshot.n_items - 1)
+        i = torch.arange(1, snapshot.n_items).repeat(len(users))
+        pairs = module.pair_logits(u, i).reshape(len(users), -1)
+    torch.testing.assert_close(full[:, 1:], pairs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_optimisation_step_lowers_the_loss(name, snapshot):
+    cfg = fast_config(name)
+    model_cls = ncf.FAMILIES_IN_FILE[name][2]
+    torch.manual_seed(0)
+    module = model_cls.build_module(cfg, {"n_users": snapshot.n_users, "n_items": snapshot.n_items}).train()
+    batch = ncf.training_batch(snapshot, cfg)
+    assert len(batch[0]) == 256 * (1 + cfg.negatives)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    before = ncf.loss_fn(module, batch)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = ncf.loss_fn(module, batch)
+    assert after.item() < before.item()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_save_load_round_trip_gives_identical_scores(name, fitted, snapshot, tmp_path):
+    model = fitted(name)
+    model.save(tmp_path / name)
+    loaded = ncf.FAMILIES_IN_FILE[name][2].load(tmp_path / name)
+    assert loaded.config == model.config and loaded.meta == model.meta
+    users = torch.arange(0, snapshot.n_users)
+    with torch.no_grad():
+        assert torch.equal(model.scorer()(users), loaded.scorer()(users))
+
+
+def test_neumf_initialises_from_pretrained_halves(snapshot):
+    n_u, n_i = snapshot.n_users, snapshot.n_items
+    torch.manual_seed(1)
+    gmf = ncf.GMFModule(n_u, n_i, 8)
+    mlp = ncf.MLPModule(n_u, n_i, 6, (12, 4))
+    for m in (gmf, mlp):
+        with torch.no_grad():
+            m.predict.bias.fill_(float(torch.randn(())))
+        m.popularity.copy_(torch.rand(n_i))
+    neumf = ncf.NeuMFModule(n_u, n_i, 8, 6, (12, 4))
+    ncf.init_from_pretrained(neumf, gmf, mlp, alpha=0.5)
+    assert torch.equal(neumf.gmf_user.weight, gmf.user.weight)
+    assert torch.equal(neumf.gmf_item.weight, gmf.item.weight)
+    for (k, a), (k2, b) in zip(neumf.tower.state_dict().items(), mlp.tower.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    torch.testing.assert_close(
+        neumf.predict.weight, torch.cat([0.5 * gmf.predict.weight, 0.5 * mlp.predict.weight], 1)
+    )
+    # so NeuMF starts as the alpha-blend of the two halves' logits
+    users = torch.tensor([1, 2, 30])  # known users (unknown ones get popularity)
+    with torch.no_grad():
+        blend = 0.5 * gmf(users) + 0.5 * mlp(users)
+        torch.testing.assert_close(neumf(users)[:, 1:], blend[:, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_neumf_fit_with_pretraining_records_it(fitted):
+    model = fitted("neumf")
+    assert model.config.pretrain
+    assert model.history[0]["epoch"] == 0 and model.history[0]["valid_metric"] is not None
+    assert {"gmf_valid_ndcg@10", "ncf_mlp_valid_ndcg@10", "init_valid_ndcg@10"} <= set(model.meta["pretrain"])
+
+
+def test_negative_sampler_never_returns_a_train_positive(snapshot):
+    users, items = ncf.train_pairs(snapshot)
+    sampler = ncf.NegativeSampler(users, items, snapshot.n_items, seed=3)
+    # many draws per user, on a catalogue where each user saw ~half the items
+    batch_users = np.repeat(np.unique(users), 50)
+    neg = sampler.sample(batch_users, 4)
+    assert neg.shape == (len(batch_users), 4)
+    assert neg.min() >= 1 and neg.max() < snapshot.n_items
+    seen = set(zip(users.tolist(), items.tolist()))
+    assert not any((u, i) in seen for u, row in zip(batch_users.tolist(), neg.tolist()) for i in row)
+    u, i, y = sampler.expand(users[:10], items[:10], 4)
+    assert len(u) == len(i) == len(y) == 50 and y.sum() == 10 and y[:10].all()
+
+
+def test_negative_sampler_handles_users_who_saw_almost_everything():
+    n_items = 6
+    users = np.repeat([1, 2], [4, 1])
+    items = np.array([1, 2, 3, 4, 1])  # user 1 has only item 5 left
+    neg = ncf.NegativeSampler(users, items, n_items, seed=0, max_rounds=0).sample(np.array([1] * 20), 3)
+    assert (neg == 5).all()
+
+
+@pytest.mark.parametrize(("cfg_cls", "field"), [(ncf.GMFConfig, "dim"), (ncf.MLPConfig, "hidden")])
+def test_config_unknown_field_is_rejected(cfg_cls, field):
+    with pytest.raises(ConfigError, match=r"unknown config field 'dimm'.*allowed fields") as e:
+        parse_config(cfg_cls, {"dimm": 8})
+    assert field in str(e.value)
+    with pytest.raises(ConfigError, match="finetune_optimizer"):
+        parse_config(ncf.NeuMFConfig, {"finetune_optimizer": "rmsprop"})
