@@ -314,3 +314,12 @@ def test_topk_and_ctr_baselines():
     assert baselines.ctr_random(np.arange(10), seed=2).shape == (10,)
     with pytest.raises(ValueError, match="empty"):
         baselines.topk_popularity(np.array([], dtype=np.int64), 5, np.array([1]))
+
+
+def test_gauc_is_absent_not_zero_when_no_user_has_both_classes():
+    """Leave-last-out gives every user one test row: gAUC is undefined there."""
+    from export.metrics import evaluate_ctr
+
+    out = evaluate_ctr(np.array([1, 0, 1, 0]), np.array([0.3, -0.2, 0.9, 0.1]), np.array([1, 2, 3, 4]))
+    assert "gauc" not in out and out["gauc_users"] == 0
+    assert out["auc"] == 1.0
