@@ -173,3 +173,24 @@ def _json_default(o):
     if isinstance(o, tuple | list):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# K of the exported top-K graph: covers NDCG@10 / Recall@20 / Recall@50.
+TOPK = 100
+TOPK_NOTES = (
+    "column 0 = -1e9; unknown user (0) -> train popularity count/max (in [0,1]); train items "
+    "are NOT masked here (the top-K graph takes seen_mask)"
+)
+
+
+def user_topk_spec(meta: dict, notes: str) -> ExportSpec:
+    """The export spec of a ``topk`` scorer: ``user_idx [batch] -> scores [batch, n_items]``."""
+    users = torch.randint(1, meta["n_users"], (4,), generator=torch.Generator().manual_seed(0))
+    users[0] = 0  # an unknown user in every example batch
+    return ExportSpec(
+        inputs=(TensorSpec("user_idx", "int64", ("batch",)),),
+        outputs=(TensorSpec("scores", "float32", ("batch", meta["n_items"])),),
+        example_inputs=(users,),
+        topk=TOPK,
+        notes=f"{notes}; {TOPK_NOTES}",
+    )

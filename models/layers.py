@@ -108,3 +108,25 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class UserTopKScorer(nn.Module):
+    """The ``topk`` task's scorer contract, shared by every family that scores users:
+    ``forward(user_idx [B]) -> scores [B, n_items]``; an unknown user (0 or out of range) gets
+    the train popularity buffer (count / max count), column 0 (padding) is -1e9. Subclasses
+    give ``all_scores(u)`` for valid user rows. Written with ``torch.where`` so it exports."""
+
+    def __init__(self, n_users: int, n_items: int):
+        super().__init__()
+        self.n_users, self.n_items = n_users, n_items
+        self.register_buffer("popularity", torch.zeros(n_items))  # count / max count
+        self.register_buffer("pad_mask", torch.arange(n_items) == 0, persistent=False)
+
+    def all_scores(self, u: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define all_scores(u)")
+
+    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
+        known = (user_idx > 0) & (user_idx < self.n_users)
+        u = torch.where(known, user_idx, torch.zeros_like(user_idx))
+        scores = torch.where(known.unsqueeze(1), self.all_scores(u), self.popularity.unsqueeze(0))
+        return scores.masked_fill(self.pad_mask, -1e9)

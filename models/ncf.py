@@ -40,12 +40,11 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from models.base import ExportSpec, Task, TensorSpec, TrainedModel
+from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
-from models.layers import MLP
+from models.layers import MLP, UserTopKScorer
 from models.train import deterministic, history_row, ranking_metrics, train_torch
 
-TOPK = 100  # K of the exported top-K graph: covers NDCG@10 / Recall@20 / Recall@50
 Log = Callable[[str], None]
 
 
@@ -247,30 +246,17 @@ def _embedding(n: int, dim: int, std: float) -> nn.Embedding:
     return emb
 
 
-class NCFScorer(nn.Module):
-    """Shared scorer: ``forward(user_idx)`` -> logits over all items, popularity for unknown
-    users, -1e9 in column 0. Subclasses give ``pair_logits(u, i)`` (training) and
-    ``all_logits(u)`` (``[B, n_items]``, u already mapped to a valid row)."""
-
-    def __init__(self, n_users: int, n_items: int):
-        super().__init__()
-        self.n_users, self.n_items = n_users, n_items
-        self.register_buffer("popularity", torch.zeros(n_items))  # count / max count
-        self.register_buffer("pad_mask", torch.arange(n_items) == 0, persistent=False)
-
-    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
-        known = (user_idx > 0) & (user_idx < self.n_users)
-        u = torch.where(known, user_idx, torch.zeros_like(user_idx))
-        scores = self.all_logits(u)
-        scores = torch.where(known.unsqueeze(1), scores, self.popularity.unsqueeze(0))
-        return scores.masked_fill(self.pad_mask, -1e9)
+class NCFScorer(UserTopKScorer):
+    """Shared NCF scorer (the top-K contract of ``UserTopKScorer``): subclasses give
+    ``pair_logits(u, i)`` (training), ``all_scores(u)`` (logits ``[B, n_items]``, u already
+    mapped to a valid row) and ``embedding_tables(u, i)`` (for ``reg``)."""
 
     def touched_sq(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         """Sum of squares of the embedding rows a pair uses, ``[N]`` (for ``reg``)."""
         return sum(t(x).pow(2).sum(-1) for t, x in self.embedding_tables(u, i))
 
     def embedding_tables(self, u, i):
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define embedding_tables(u, i)")
 
 
 class GMFModule(NCFScorer):
@@ -286,7 +272,7 @@ class GMFModule(NCFScorer):
     def pair_logits(self, u, i):
         return self.predict(self.features(u, i)).squeeze(-1)
 
-    def all_logits(self, u):
+    def all_scores(self, u):
         # h . (p_u * q_j) + b = (p_u * h) . q_j + b: one [B, d] x [d, n_items] matmul
         return (self.user(u) * self.predict.weight) @ self.item.weight.T + self.predict.bias
 
@@ -328,7 +314,7 @@ class MLPModule(NCFScorer):
     def pair_logits(self, u, i):
         return self.predict(self.features(u, i)).squeeze(-1)
 
-    def all_logits(self, u):
+    def all_scores(self, u):
         return self.predict(self.tower.all(u)).squeeze(-1)
 
     def embedding_tables(self, u, i):
@@ -350,7 +336,7 @@ class NeuMFModule(NCFScorer):
         x = torch.cat([self.gmf_user(u) * self.gmf_item(i), self.tower.pair(u, i)], dim=-1)
         return self.predict(x).squeeze(-1)
 
-    def all_logits(self, u):
+    def all_scores(self, u):
         w = self.predict.weight[0]
         w_g, w_m = w[: self.gmf_dim], w[self.gmf_dim :]
         gmf = (self.gmf_user(u) * w_g) @ self.gmf_item.weight.T  # [B, n_items]
@@ -475,17 +461,7 @@ def _train(
 
 # --- fitted models --------------------------------------------------------------------------
 def _topk_spec(meta: dict, notes: str) -> ExportSpec:
-    users = torch.randint(1, meta["n_users"], (4,), generator=torch.Generator().manual_seed(0))
-    users[0] = 0
-    return ExportSpec(
-        inputs=(TensorSpec("user_idx", "int64", ("batch",)),),
-        outputs=(TensorSpec("scores", "float32", ("batch", meta["n_items"])),),
-        example_inputs=(users,),
-        topk=TOPK,
-        notes=notes + "; scores are logits (apply sigmoid for a probability); column 0 = -1e9; "
-        "unknown user (0) -> train popularity count/max (in [0,1]); train items are NOT masked "
-        "here (top-K graph takes seen_mask)",
-    )
+    return user_topk_spec(meta, notes + "; scores are logits (apply sigmoid for a probability)")
 
 
 class GMF(TrainedModel):

@@ -36,11 +36,10 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from models.base import ExportSpec, Task, TensorSpec, TrainedModel
+from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
+from models.layers import UserTopKScorer
 from models.train import format_row, history_row, ranking_metrics
-
-TOPK = 100  # K of the exported top-K graph: covers NDCG@10 / Recall@20 / Recall@50
 
 
 @dataclass(frozen=True)
@@ -160,21 +159,14 @@ def sweep(
 
 
 # --- scorer -------------------------------------------------------------------------------
-class WALSScorer(nn.Module):
+class WALSScorer(UserTopKScorer):
     def __init__(self, n_users: int, n_items: int, dim: int):
-        super().__init__()
+        super().__init__(n_users, n_items)
         self.register_buffer("user_factors", torch.zeros(n_users, dim))
         self.register_buffer("item_factors", torch.zeros(n_items, dim))
-        self.register_buffer("popularity", torch.zeros(n_items))  # count / max count
-        self.register_buffer("pad_mask", torch.arange(n_items) == 0, persistent=False)
 
-    def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
-        n_users = self.user_factors.shape[0]
-        known = (user_idx > 0) & (user_idx < n_users)
-        u = torch.where(known, user_idx, torch.zeros_like(user_idx))
-        scores = self.user_factors[u] @ self.item_factors.T  # [B, n_items]
-        scores = torch.where(known.unsqueeze(1), scores, self.popularity.unsqueeze(0))
-        return scores.masked_fill(self.pad_mask, -1e9)
+    def all_scores(self, u: torch.Tensor) -> torch.Tensor:
+        return self.user_factors[u] @ self.item_factors.T  # [B, n_items]
 
 
 class WALS(TrainedModel):
@@ -187,16 +179,7 @@ class WALS(TrainedModel):
         return WALSScorer(meta["n_users"], meta["n_items"], config.dim)
 
     def export_spec(self) -> ExportSpec:
-        users = torch.randint(1, self.meta["n_users"], (4,), generator=torch.Generator().manual_seed(0))
-        users[0] = 0
-        return ExportSpec(
-            inputs=(TensorSpec("user_idx", "int64", ("batch",)),),
-            outputs=(TensorSpec("scores", "float32", ("batch", self.meta["n_items"])),),
-            example_inputs=(users,),
-            topk=TOPK,
-            notes="scores = U[user] V^T; column 0 = -1e9; unknown user (0) -> train popularity "
-            "count/max (in [0,1]); train items are NOT masked here (top-K graph takes seen_mask)",
-        )
+        return user_topk_spec(self.meta, "scores = U[user] V^T")
 
 
 def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> WALS:

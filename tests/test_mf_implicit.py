@@ -9,6 +9,7 @@ import torch
 from test_models import write_tiny_snapshot
 
 from models import mf_implicit as M
+from models.base import TOPK
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
 
@@ -99,7 +100,7 @@ def test_sampled_negatives_are_never_train_positives(snapshot):
 
 def test_scorer_shapes_dtypes_and_padding(model, snapshot):
     spec = model.export_spec()
-    assert [t.name for t in spec.inputs] == ["user_idx"] and spec.topk == M.TOPK
+    assert [t.name for t in spec.inputs] == ["user_idx"] and spec.topk == TOPK
     users = torch.from_numpy(np.unique(snapshot.ratings("test").user_idx))
     with torch.no_grad():
         for x in (spec.example_inputs[0], users):

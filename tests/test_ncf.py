@@ -8,6 +8,7 @@ import torch
 from test_models import write_tiny_snapshot
 
 from models import ncf
+from models.base import TOPK
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
 
@@ -45,7 +46,7 @@ def test_scorer_shapes_dtypes_and_padding(name, fitted, snapshot):
     model = fitted(name)
     assert model.family == name and model.task is ncf.Task.TOPK
     spec = model.export_spec()
-    assert [t.name for t in spec.inputs] == ["user_idx"] and spec.topk == ncf.TOPK
+    assert [t.name for t in spec.inputs] == ["user_idx"] and spec.topk == TOPK
     users = torch.arange(0, snapshot.n_users + 3)  # includes unknown 0 and out-of-range ids
     with torch.no_grad():
         out = model.scorer()(users)
