@@ -24,7 +24,7 @@ from export.io import atomic_write_bytes, atomic_write_json
 PREFIX = "recsys."
 PACKAGE = "recsys-pipeline"
 # Fields that are not strings are stored as JSON text (metadata_props only holds strings).
-_JSON_FIELDS = {"config", "upstream", "trained_rows"}
+_JSON_FIELDS = {"config", "upstream", "trained_rows", "dbt_models"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Lineage:
     code_version: str
     trained_rows: int
     upstream: dict[str, str] = field(default_factory=dict)  # asset key -> data version
+    # dbt mart -> the dbt models and sources it was built from (manifest parent_map, transitively)
+    dbt_models: dict[str, list[str]] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
@@ -124,3 +126,77 @@ def read_onnx_lineage(path: Path | str) -> dict[str, Any]:
 
 def write_lineage_json(directory: Path | str, lineage: Lineage) -> Path:
     return atomic_write_json(Path(directory) / "lineage.json", asdict(lineage))
+
+
+def dbt_lineage(manifest_path: Path | str, marts: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """``{mart: [ancestor models and sources]}`` from a dbt ``manifest.json`` (``parent_map``).
+
+    Names are dbt's short ones (``int_split``, ``source:raw.interactions``); tests are left out.
+    An absent manifest gives ``{}``: the lineage then says so instead of guessing.
+    """
+    path = Path(manifest_path)
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    parents: dict[str, list[str]] = manifest.get("parent_map", {})
+    names = {uid: node.get("name", uid) for uid, node in manifest.get("nodes", {}).items()}
+    for uid, node in manifest.get("sources", {}).items():
+        names[uid] = f"source:{node.get('source_name')}.{node.get('name')}"
+    by_name = {n: uid for uid, n in names.items() if uid.startswith("model.")}
+    out: dict[str, list[str]] = {}
+    for mart in marts:
+        uid = by_name.get(mart)
+        if uid is None:
+            continue
+        seen: set[str] = set()
+        stack = list(parents.get(uid, []))
+        while stack:
+            parent = stack.pop()
+            if parent in seen or not parent.startswith(("model.", "source.", "seed.", "snapshot.")):
+                continue
+            seen.add(parent)
+            stack.extend(parents.get(parent, []))
+        out[mart] = sorted(names.get(p, p) for p in seen)
+    return out
+
+
+def describe(path: Path | str) -> str:
+    """Human-readable lineage of one ONNX file: its stamps, checked against ``lineage.json`` beside it."""
+    path = Path(path)
+    stamps = read_onnx_lineage(path)
+    lines = [f"{path}  (sha256 {file_sha256(path)[:16]})"]
+    if not stamps:
+        lines.append(
+            "  no recsys lineage stamps: this file was not exported by this pipeline, or it failed its "
+            "parity gate (only files that pass are stamped)."
+        )
+        return "\n".join(lines)
+    lines += [
+        f"  family            {stamps.get('family')}  version {stamps.get('version')}  "
+        f"created {stamps.get('created_at')}",
+        f"  raw data          {stamps.get('data_fingerprint')}  (raw_interactions data version)",
+        f"  snapshot          {stamps.get('snapshot_fingerprint')}  split {stamps.get('split')}, "
+        f"{stamps.get('trained_rows')} train rows",
+        f"  dbt manifest      sha256 {stamps.get('dbt_manifest_sha256')}",
+    ]
+    upstream = stamps.get("upstream") or {}
+    for key in sorted(upstream):
+        lines.append(f"  upstream          {key} = {upstream[key]}")
+    dbt = stamps.get("dbt_models") or {}
+    if dbt:
+        for mart in sorted(dbt):
+            lines.append(f"  dbt {mart:<14}<- {', '.join(dbt[mart])}")
+    else:
+        lines.append("  dbt models        (not recorded: exported before dbt lineage was stamped)")
+    lines += [
+        f"  config            sha256 {stamps.get('config_sha256')}",
+        f"  code              {stamps.get('code_version')}",
+    ]
+    beside = path.parent / "lineage.json"
+    if beside.is_file():
+        doc = json.loads(beside.read_text())
+        differ = sorted(k for k in stamps if k in doc and doc[k] != stamps[k])
+        lines.append(
+            f"  lineage.json      {'agrees' if not differ else 'DIFFERS on ' + ', '.join(differ)}"
+        )
+    return "\n".join(lines)

@@ -115,6 +115,7 @@ def export_family(
         code_version=code_version_of(family, asset_code_version),
         trained_rows=int(meta["split_rows"].get("train", 0)),
         upstream={k: str(v) for k, v in upstream.items()},
+        dbt_models=meta.get("dbt_models") or {},
     )
     if report.passed:
         stamp_onnx(onnx_path, lineage)

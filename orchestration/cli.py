@@ -91,13 +91,44 @@ def _print_leaderboard(path: Path) -> None:
         print(f"registry: {registry.parent}")
 
 
+def _lineage(paths: list[Path]) -> int:
+    from export.lineage import describe
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.rglob("*.onnx"))
+            if not found:
+                print(f"recsys lineage: no .onnx file under {path}", file=sys.stderr)
+                return 2
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            print(f"recsys lineage: {path} does not exist; pass an ONNX file or a folder", file=sys.stderr)
+            return 2
+    for path in files:
+        try:
+            print(describe(path))
+        except Exception as exc:  # onnx raises DecodeError and others for a file that is not ONNX
+            print(f"recsys lineage: {path} cannot be read as ONNX ({exc})", file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="materialise every asset headless, then print a summary")
     ui = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the same instance")
     ui.add_argument("--port", default="3000")
+    lineage = sub.add_parser(
+        "lineage", help="print where a model.onnx came from: raw data, dbt models, snapshot, config, code"
+    )
+    lineage.add_argument("paths", nargs="+", type=Path, help="ONNX files, or folders to search for *.onnx")
     args = parser.parse_args(argv)
+    if args.command == "lineage":
+        return _lineage(args.paths)
     try:
         env = _dagster_env()
     except SettingsError as exc:

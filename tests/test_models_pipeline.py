@@ -16,7 +16,7 @@ from export.lineage import read_onnx_lineage
 from export.registry import REQUIRED_FILES, current_version
 from models.registry import FAMILIES
 
-MAIN = {"rating": "rmse", "topk": "ndcg@10", "ctr": "auc"}
+MAIN = {"rating": "rmse", "topk": "ndcg@10", "ctr": "auc", "multitask": "auc_like"}
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,15 @@ def test_registry_holds_blessed_models_with_lineage(pipeline):
         assert lineage["family"] == name
         assert lineage["data_fingerprint"] == raw_version
         assert lineage["split"] == "temporal"
+        assert "int_split" in lineage["dbt_models"]["fct_ratings"]  # back to the dbt models
         assert json.loads((folder / "lineage.json").read_text())["config_sha256"] == lineage["config_sha256"]
         signature = json.loads((folder / "signature.json").read_text())
         assert signature["inputs"][0]["shape"][0] == "batch"
         assert name in json.dumps(index)
     assert (registry / "wals" / current_version("wals", registry) / "model_topk.onnx").is_file()
+    from orchestration.cli import main
+
+    assert main(["lineage", str(registry)]) == 0  # every file in the registry is described
 
 
 @pytest.mark.slow

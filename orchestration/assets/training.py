@@ -71,7 +71,7 @@ def _latest_data_versions(instance: dg.DagsterInstance, keys) -> dict[str, str |
     ),
 )
 def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-    from export.lineage import file_sha256
+    from export.lineage import dbt_lineage, file_sha256
     from orchestration.snapshot import write_snapshot
 
     settings = load_settings()
@@ -80,6 +80,7 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
         "split": settings.split,
         "history_len": settings.history_len,
         "dbt_manifest_sha256": file_sha256(manifest) if manifest.exists() else None,
+        "dbt_models": dbt_lineage(manifest, MARTS),
         "upstream": _latest_data_versions(context.instance, RAW_ASSETS + MARTS),
     }
     with warehouse.connect(read_only=True) as con:
