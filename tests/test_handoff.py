@@ -96,3 +96,35 @@ def test_unloadable_model_is_reported_not_skipped(handoff_dir: Path, registry: P
     assert "outputs" in by_family["toy_rating"]
     assert "error" in by_family["toy_ctr"] and "error" in by_family["toy_orphan"]
     assert "CURRENT" in by_family["toy_orphan"]["error"]
+
+
+# --- OpenVINO: an independent runtime with its own ONNX frontend and kernels ----------------------
+def test_openvino_scores_match_python(registry: Path) -> None:
+    from export.openvino_handoff import ATOL, RTOL, main, score_registry
+
+    results = {r["family"]: r for r in score_registry(registry)}
+    assert sorted(results) == sorted(p.name for p in registry.iterdir()) and len(results) == 5
+    for family, r in results.items():
+        assert r["passed"], (family, r)
+        golden = json.loads((registry / family / "v1" / "golden.json").read_text())
+        scale = max(np.abs(np.asarray(o["data"], np.float64)).max() for o in golden["outputs"].values())
+        assert r["max_abs_diff"] <= ATOL + RTOL * scale, (family, r)
+    assert main([str(registry)]) == 0
+
+
+def test_openvino_unloadable_model_is_reported_not_skipped(registry: Path, tmp_path: Path, capsys) -> None:
+    from export.openvino_handoff import main, score_registry
+
+    broken = tmp_path / "registry"
+    shutil.copytree(registry / "toy_rating", broken / "toy_rating")
+    shutil.copytree(registry / "toy_ctr", broken / "toy_ctr")
+    model = broken / "toy_ctr" / "v1" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:200])
+    (broken / "toy_orphan").mkdir()
+    results = {r["family"]: r for r in score_registry(broken)}
+    assert results["toy_rating"]["passed"]
+    assert not results["toy_ctr"]["passed"] and "error" in results["toy_ctr"]
+    assert "CURRENT" in results["toy_orphan"]["error"]
+    assert main([str(broken)]) == 1
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {line["family"] for line in printed} == {"toy_rating", "toy_ctr", "toy_orphan"}

@@ -128,6 +128,17 @@ def test_node_scores_registry_like_python(pipeline, handoff_dir):
 
 
 @pytest.mark.slow
+def test_openvino_scores_registry_like_python(pipeline):
+    """A second runtime with its own ONNX frontend and kernels: every blessed file is standard ONNX."""
+    from export.openvino_handoff import score_registry
+
+    results = {r["family"]: r for r in score_registry(pipeline["home"] / "registry")}
+    assert set(results) == set(FAMILIES)
+    failed = {name: r.get("error") or r.get("detail") for name, r in results.items() if not r["passed"]}
+    assert not failed, failed
+
+
+@pytest.mark.slow
 def test_failed_retrain_keeps_blessed_model(pipeline, tmp_path):
     """A model config with an unknown field fails that family's training with a clear error;
     the registry still serves the previously blessed version."""
