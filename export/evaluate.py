@@ -117,11 +117,25 @@ def _topk_setup(snap: Snapshot):
     return snap.train_matrix("ones"), relevant, users, cold
 
 
+def _user_item_rows(train: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+    """``user_items`` of an item-vector scorer: the users' dense train rows, 1 = seen."""
+    return (train[users].toarray() > 0).astype(np.float32)
+
+
 def evaluate_topk_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
     exclude, relevant, users, cold = _topk_setup(snap)
     output = signature["outputs"][0]["name"]
+    # Item-vector scorers (cdae) also take user_items: each user batch's rows of the train
+    # matrix, built per batch so the dense users x items matrix never exists at once.
+    with_items = "user_items" in _input_names(signature)
+
+    def score(u: np.ndarray) -> np.ndarray:
+        u = np.asarray(u, dtype=np.int64)
+        feeds = {"user_idx": u, "user_items": _user_item_rows(exclude, u)} if with_items else {"user_idx": u}
+        return scorer.run(**feeds)[output]
+
     metrics = evaluate_topk(
-        lambda u: scorer.run(user_idx=np.asarray(u, dtype=np.int64))[output],
+        score,
         exclude,
         relevant,
         users=users,
@@ -147,10 +161,15 @@ def evaluate_ctr_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, floa
     output = signature["outputs"][0]["name"]
     logits = _run_batched(scorer, names, build, len(test), output)
     if logits.ndim == 2:  # multi-task: one column per task, like then love
+        heads = (("like", test.label_like), ("love", test.label_love))
+        if logits.shape[1] != len(heads):
+            raise ValueError(
+                f"output {output!r} has {logits.shape[1]} columns; the multitask contract "
+                f"(docs/MODEL_API.md) is one per task, {[t for t, _ in heads]}: re-export the model."
+            )
         out = {}
-        for col, (task, labels) in enumerate((("like", test.label_like), ("love", test.label_love))):
-            if col < logits.shape[1]:
-                out |= evaluate_ctr(labels, logits[:, col], test.user_idx, task_name=task)
+        for col, (task, labels) in enumerate(heads):
+            out |= evaluate_ctr(labels, logits[:, col], test.user_idx, task_name=task)
         return out
     return evaluate_ctr(test.label_like, logits, test.user_idx)
 
@@ -213,7 +232,9 @@ def evaluate_baselines(snapshot_dir: Path, task: str, seed: int = 0) -> dict[str
                 )
                 per_task = evaluate_ctr(labels, logits, test.user_idx, task_name=task_name)
                 result |= per_task
-                if task_name == "like":  # the single-task CTR families predict `like`
+                # the single-task CTR families predict `like`; multitask models report only
+                # per-task keys, so their baselines do too (same leaderboard columns)
+                if task_name == "like" and task == "ctr":
                     result |= evaluate_ctr(labels, logits, test.user_idx)
             out[name] = result
     else:

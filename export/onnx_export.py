@@ -47,6 +47,9 @@ MASKED_SCORE = float(np.finfo(np.float32).min)
 
 TOPK_INPUTS = ("user_idx", "seen_mask")
 TOPK_OUTPUTS = ("top_items", "top_scores")
+# The second input of an item-vector topk scorer (cdae): the user's train items, float32
+# [batch, n_items], 1 = seen. Its top-K graph feeds it ``seen_mask`` (see TopKScorer).
+USER_ITEMS_INPUT = "user_items"
 
 Exporter = Literal["dynamo", "legacy"]
 
@@ -264,20 +267,41 @@ def export_onnx(
     return path
 
 
+def takes_user_items(spec: ExportSpecLike) -> bool:
+    """Which of the two ``topk`` scorer layouts ``spec`` has: ``(user_idx)`` -> False,
+    ``(user_idx, user_items)`` (an item-vector scorer such as cdae) -> True."""
+    names = tuple(t.name for t in spec.inputs)
+    if names == TOPK_INPUTS[:1]:
+        return False
+    if names == (TOPK_INPUTS[0], USER_ITEMS_INPUT):
+        return True
+    raise ExportError(
+        f"a topk scorer takes ({TOPK_INPUTS[0]}) or ({TOPK_INPUTS[0]}, {USER_ITEMS_INPUT}); this spec "
+        f"has {list(names)}: rename its inputs or export it without a top-K graph (topk=None)"
+    )
+
+
 class TopKScorer(torch.nn.Module):
     """Wraps a top-K scorer: masks seen items and the padding column, returns the best ``k``.
 
     The masking lives in the graph so every runtime excludes the same items the evaluation
     excluded; the caller only supplies ``seen_mask`` (True = already interacted with in train).
+    Pass the scorer's ``spec``: when it takes ``user_items`` as well, the graph feeds it
+    ``seen_mask`` as float32 (the seen items are the user's item vector). That choice is made
+    here, once, so the exported graph has no branch on data.
     """
 
-    def __init__(self, scorer: torch.nn.Module, k: int) -> None:
+    def __init__(self, scorer: torch.nn.Module, k: int, spec: ExportSpecLike | None = None) -> None:
         super().__init__()
         self.scorer = scorer
         self.k = k
+        self.feeds_user_items = spec is not None and takes_user_items(spec)
 
     def forward(self, user_idx: torch.Tensor, seen_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.scorer(user_idx)
+        if self.feeds_user_items:
+            scores = self.scorer(user_idx, seen_mask.to(torch.float32))
+        else:
+            scores = self.scorer(user_idx)
         # A row mask built from arange keeps the graph free of shape-dependent Python ints.
         padding = torch.arange(scores.shape[1], device=scores.device) == 0
         scores = scores.masked_fill(seen_mask | padding, MASKED_SCORE)
@@ -299,8 +323,14 @@ def topk_spec(scorer: torch.nn.Module, spec: ExportSpecLike, k: int) -> SimpleEx
     n_items = _n_items(scorer, spec)
     if not 1 <= k <= n_items:
         raise ExportError(f"top-K k={k} must be in [1, n_items={n_items}]")
-    user_idx = _example_tensors(spec)[0]
-    seen_mask = torch.zeros((user_idx.shape[0], n_items), dtype=torch.bool)
+    examples = _example_tensors(spec)
+    user_idx = examples[0]
+    if takes_user_items(spec):  # the example item vectors double as the example seen items
+        seen_mask = examples[1] > 0
+        notes = f"{spec.notes}; top-K graph: seen_mask is also the scorer's {USER_ITEMS_INPUT}"
+    else:
+        seen_mask = torch.zeros((user_idx.shape[0], n_items), dtype=torch.bool)
+        notes = spec.notes
     return SimpleExportSpec(
         inputs=(
             SimpleTensorSpec(TOPK_INPUTS[0], "int64", ("batch",)),
@@ -312,7 +342,7 @@ def topk_spec(scorer: torch.nn.Module, spec: ExportSpecLike, k: int) -> SimpleEx
         ),
         example_inputs=(user_idx, seen_mask),
         topk=k,
-        notes=spec.notes,
+        notes=notes,
     )
 
 
@@ -325,7 +355,8 @@ def export_topk_onnx(
     exporter: Exporter = "dynamo",
 ) -> Path:
     """Export the top-K graph (``user_idx``, ``seen_mask`` -> ``top_items``, ``top_scores``)."""
-    path = export_onnx(TopKScorer(scorer, k).eval(), topk_spec(scorer, spec, k), path, exporter=exporter)
+    wrapped = TopKScorer(scorer, k, spec).eval()
+    path = export_onnx(wrapped, topk_spec(scorer, spec, k), path, exporter=exporter)
     if not any(node.op_type == "TopK" for node in onnx.load(str(path)).graph.node):
         raise ExportError(f"{path}: top-K graph has no TopK node; the exporter rewrote torch.topk")
     return path
@@ -333,6 +364,18 @@ def export_topk_onnx(
 
 def _tensor_signature(specs: Sequence[TensorSpecLike]) -> list[dict[str, Any]]:
     return [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for t in specs]
+
+
+def graph_signature(spec: ExportSpecLike, file: str) -> dict[str, Any]:
+    """How to call an extra graph exported beside model.onnx (``signature.json`` ``graphs``)."""
+    return {
+        "file": file,
+        "opset": OPSET,
+        "inputs": _tensor_signature(spec.inputs),
+        "outputs": _tensor_signature(spec.outputs),
+        "k": _resolve_k(spec, None),
+        "notes": spec.notes,
+    }
 
 
 def _resolve_k(spec: ExportSpecLike, topk_k: int | None) -> int | None:
@@ -391,4 +434,11 @@ def write_signature(
             "note": "seen_mask True = exclude. Seen items and index 0 score masked_score; drop such "
             "entries (they appear only when k exceeds the user's unseen items).",
         }
+        if USER_ITEMS_INPUT in [t.name for t in spec.inputs]:
+            signature["topk"]["user_items_from"] = TOPK_INPUTS[1]
+            signature["topk"]["note"] += (
+                f" The scorer also takes the user's item vector ({USER_ITEMS_INPUT}); this graph feeds "
+                "it seen_mask, so seen_mask must hold the user's interactions (a new user's too: "
+                "an unknown user_idx with a non-empty seen_mask is scored from those items)."
+            )
     return atomic_write_json(path, signature)

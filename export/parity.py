@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import ExportSpecLike, TensorSpecLike, dtype_name
+from export.onnx_export import USER_ITEMS_INPUT, ExportSpecLike, TensorSpecLike, dtype_name
 
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
@@ -235,6 +235,11 @@ def _build_case(
             )
         elif kind == "bool":  # seen_mask: about one item in ten already seen
             x = rng.random(shape) < 0.1
+        elif t.name == USER_ITEMS_INPUT:  # a user's item vector: binary like seen_mask, item 0 never seen
+            x = (rng.random(shape) < 0.1).astype(dtype_name(t.dtype))
+            x[:, 0] = 0
+            if case.unknown:  # even rows empty (the popularity fallback), odd rows a new user's items
+                x[::2] = 0
         else:
             x = rng.normal(size=shape).astype(dtype_name(t.dtype))
         if tuple(t.shape)[1:] == (HISTORY_AXIS,):
@@ -258,9 +263,12 @@ def standard_cases(
     Valid ids are drawn from ``[1, cardinality)``: ``cardinalities[name]`` (an int, or for a
     ``[B, F]`` input such as ``sparse`` one int per column), defaulting to ``n_users`` for
     ``user*`` inputs and ``n_items`` for item-like ones. Float inputs are standard normal,
-    bool inputs (``seen_mask``) true one time in ten. Inputs with a ``history`` axis (``[B, L]``)
-    are right-padded with 0; they add an empty, a full, and a longer-than-example history case
-    (the last proves the dynamic sequence axis). ``fixed_dims`` sizes any other symbolic axis.
+    bool inputs (``seen_mask``) true one time in ten, and ``user_items`` (an item-vector
+    scorer's float input) is 0/1 the same way; in the unknown-ids case its even rows are empty
+    (an unknown user with no items) and its odd rows are not (a new user scored from items).
+    Inputs with a ``history`` axis (``[B, L]``) are right-padded with 0; they add an empty, a
+    full, and a longer-than-example history case (the last proves the dynamic sequence axis).
+    ``fixed_dims`` sizes any other symbolic axis.
     """
     cards: dict[str, int | Sequence[int]] = {}
     for t in spec.inputs:

@@ -16,7 +16,14 @@ import numpy as np
 
 from export.golden import write_golden
 from export.lineage import Lineage, code_version, config_sha256, stamp_onnx, write_lineage_json
-from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec, write_signature
+from export.onnx_export import (
+    TopKScorer,
+    export_onnx,
+    export_topk_onnx,
+    graph_signature,
+    topk_spec,
+    write_signature,
+)
 from export.parity import ParityReport, parity_gate, standard_cases
 
 GOLDEN_ROWS = 8
@@ -88,7 +95,7 @@ def export_family(
         topk_path = export_topk_onnx(scorer, spec, topk_k, out_dir / "model_topk.onnx")
         tspec = topk_spec(scorer, spec, topk_k)
         topk_cases = standard_cases(tspec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta))
-        topk_report = parity_gate(TopKScorer(scorer, topk_k), topk_path, topk_cases)
+        topk_report = parity_gate(TopKScorer(scorer, topk_k, spec), topk_path, topk_cases)
         report = ParityReport(
             passed=report.passed and topk_report.passed,
             cases=[
@@ -101,8 +108,20 @@ def export_family(
             rule=report.rule,
         )
 
+    # Extra graphs a model offers beside model.onnx (emb_knn: similar_items.onnx), each with
+    # its own parity cases folded into the one report (case names prefixed by the graph).
+    extra_graphs = getattr(model, "extra_graphs", None)
+    graphs: dict[str, dict] = {}
+    for graph, (module, graph_spec) in (extra_graphs() if extra_graphs else {}).items():
+        path = export_onnx(module.eval(), graph_spec, out_dir / f"{graph}.onnx")
+        graph_cases = standard_cases(graph_spec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta))
+        report = _fold(report, parity_gate(module, path, graph_cases), graph)
+        graphs[graph] = graph_signature(graph_spec, path.name)
+
     config = asdict(model.config) if is_dataclass(model.config) else dict(model.config)
     upstream = meta.get("upstream") or {}
+    # models built on other models (emb_knn on WALS embeddings) name them: asset key -> run/dir
+    upstream_models = model.meta.get("upstream_models") or {}
     lineage = Lineage(
         family=family.name,
         version=run_id,
@@ -114,13 +133,15 @@ def export_family(
         config=config,
         code_version=code_version_of(family, asset_code_version),
         trained_rows=int(meta["split_rows"].get("train", 0)),
-        upstream={k: str(v) for k, v in upstream.items()},
+        upstream={**{k: str(v) for k, v in upstream.items()}, **upstream_models},
         dbt_models=meta.get("dbt_models") or {},
     )
     if report.passed:
         stamp_onnx(onnx_path, lineage)
         if topk_k:
             stamp_onnx(out_dir / "model_topk.onnx", lineage)
+        for graph in graphs.values():
+            stamp_onnx(out_dir / graph["file"], lineage)
     write_lineage_json(out_dir, lineage)
     signature_path = write_signature(
         spec,
@@ -133,6 +154,7 @@ def export_family(
             "sparse_fields": meta["sparse_fields"],
             "dense_fields": meta["dense_fields"],
             "parity": report.to_dict() if hasattr(report, "to_dict") else None,
+            **({"graphs": graphs} if graphs else {}),
         },
         topk_k=topk_k,
     )
@@ -145,6 +167,18 @@ def export_family(
         parity=report,
         lineage=json.loads((out_dir / "lineage.json").read_text()),
         signature=json.loads(signature_path.read_text()),
+    )
+
+
+def _fold(report: ParityReport, other: ParityReport, prefix: str) -> ParityReport:
+    """One report from two: passed only if both did; ``other``'s case names get ``prefix:``."""
+    return ParityReport(
+        passed=report.passed and other.passed,
+        cases=[*report.cases, *[type(c)(**{**asdict(c), "name": f"{prefix}:{c.name}"}) for c in other.cases]],
+        atol=report.atol,
+        rtol=report.rtol,
+        onnx_path=report.onnx_path,
+        rule=report.rule,
     )
 
 

@@ -130,3 +130,104 @@ class UserTopKScorer(nn.Module):
         u = torch.where(known, user_idx, torch.zeros_like(user_idx))
         scores = torch.where(known.unsqueeze(1), self.all_scores(u), self.popularity.unsqueeze(0))
         return scores.masked_fill(self.pad_mask, -1e9)
+
+
+# --- cross-product, dot-product and cross-network interactions (Wide&Deep, DLRM, DCN-v2) ----
+class FeatureCross(nn.Module):
+    """Wide & Deep's cross-product transformation (Cheng et al. 2016) for pairs of fields.
+
+    The pair ``(a, b)`` of field columns becomes one categorical feature with index
+    ``x_a * card_b + x_b`` (one row per value combination, unknown values included), offset
+    into one table shared by all pairs, like ``FieldOffsets``: ``[B, F]`` -> ``[B, C]`` rows in
+    ``[0, total)``. Computed in the graph, so serving sends the plain ``sparse`` tensor.
+    Out-of-range or negative ids count as the field's unknown value 0.
+    """
+
+    def __init__(self, cardinalities: Sequence[int], pairs: Sequence[tuple[int, int]]):
+        super().__init__()
+        card = [int(c) for c in cardinalities]
+        if not pairs:
+            raise ValueError("FeatureCross needs at least one (field, field) pair")
+        self.register_buffer("cardinality", torch.tensor(card, dtype=torch.int64), persistent=False)
+        for name, values in (
+            ("left", [a for a, _ in pairs]),
+            ("right", [b for _, b in pairs]),
+            ("right_card", [card[b] for _, b in pairs]),
+        ):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.int64), persistent=False)
+        self.offsets = FieldOffsets([card[a] * card[b] for a, b in pairs])
+        self.total = self.offsets.total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where((x >= 0) & (x < self.cardinality), x, torch.zeros_like(x))
+        cross = x.index_select(1, self.left) * self.right_card + x.index_select(1, self.right)
+        return cross + self.offsets.offsets
+
+
+class DotInteraction(nn.Module):
+    """DLRM's interaction (Naumov et al. 2019): the pairwise dot products of ``n`` vectors
+    ``[B, n, d]`` -> ``[B, n (n - 1) / 2]``, pairs ``i < j`` in row-major upper-triangle order.
+
+    One batched matmul, then one Gather of the upper triangle from the flattened Gram matrix
+    (a constant index buffer), which keeps the ONNX graph to MatMul + Gather.
+    """
+
+    def __init__(self, n: int):
+        super().__init__()
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("flat_index", rows * n + cols, persistent=False)
+        self.out_dim = int(rows.numel())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        gram = torch.bmm(z, z.transpose(1, 2))  # [B, n, n]
+        return gram.flatten(1).index_select(1, self.flat_index)
+
+
+class LowRankCrossMixture(nn.Module):
+    """DCN-Mix's ``W x + b`` (Wang et al. 2021, eq. 4): ``sum_i G_i(x) U_i g(C_i g(V_i^T x)) + b``.
+
+    ``n_experts`` rank-``rank`` experts, ``g = tanh``, softmax gates ``G(x)``. The gates sum to
+    one, so ``sum_i G_i x_0 * (E_i + b) = x_0 * (sum_i G_i E_i + b)``: it plugs into the same
+    cross formula as the full-rank ``nn.Linear``.
+    """
+
+    def __init__(self, dim: int, rank: int, n_experts: int):
+        super().__init__()
+        self.v = nn.Parameter(torch.empty(n_experts, dim, rank))
+        self.c = nn.Parameter(torch.empty(n_experts, rank, rank))
+        self.u = nn.Parameter(torch.empty(n_experts, rank, dim))
+        for p in (self.v, self.c, self.u):
+            nn.init.xavier_normal_(p)
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(torch.einsum("bd,edr->ber", x, self.v))  # [B, E, r]
+        h = torch.tanh(torch.einsum("ber,ers->bes", h, self.c))
+        experts = torch.einsum("bes,esd->bed", h, self.u)  # [B, E, dim]
+        gates = torch.softmax(self.gate(x), dim=-1).unsqueeze(-1)  # [B, E, 1]
+        return (gates * experts).sum(dim=1) + self.bias
+
+
+class CrossNetV2(nn.Module):
+    """DCN-v2's cross network: ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`` for ``n_layers`` layers.
+
+    ``rank = 0``: full-rank ``W_l`` (the paper's DCN-V2); ``rank > 0``: each ``W_l x + b_l`` is a
+    mixture of ``n_experts`` low-rank experts (the paper's DCN-Mix, cheaper for wide inputs).
+    """
+
+    def __init__(self, dim: int, n_layers: int, rank: int = 0, n_experts: int = 4):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"CrossNetV2 needs n_layers >= 1, got {n_layers}")
+        self.layers = nn.ModuleList(
+            nn.Linear(dim, dim) if rank == 0 else LowRankCrossMixture(dim, rank, n_experts)
+            for _ in range(n_layers)
+        )
+        self.out_dim = dim
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x

@@ -237,6 +237,11 @@ class MFImplicit(TrainedModel):
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
         return MFImplicitScorer(meta["n_users"], meta["n_items"], config.dim)
 
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """U ``[n_users, dim]`` and V ``[n_items, dim]`` (row 0 = unknown, zero)."""
+        m = self.module
+        return m.user_factors.detach().numpy().copy(), m.item_factors.detach().numpy().copy()
+
     def export_spec(self) -> ExportSpec:
         return user_topk_spec(self.meta, "scores = U[user] V^T")
 

@@ -115,6 +115,12 @@ class MFSGD(TrainedModel):
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
         return MatrixFactorization(meta["n_users"], meta["n_items"], config.dim, *meta["rating_range"])
 
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """User factors p ``[n_users, dim]`` and item factors q ``[n_items, dim]`` (row 0 = unknown,
+        zero); the biases are left out: they shift a rating, not the direction of taste."""
+        m = self.module
+        return m.user.weight.detach().numpy().copy(), m.item.weight.detach().numpy().copy()
+
     def export_spec(self) -> ExportSpec:
         g = torch.Generator().manual_seed(0)
         users = torch.randint(1, self.meta["n_users"], (4,), generator=g)

@@ -476,6 +476,13 @@ class GMF(TrainedModel):
     def export_spec(self) -> ExportSpec:
         return _topk_spec(self.meta, "scores = h . (P[user] * Q_j) + b for every item j")
 
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """``P * h`` ``[n_users, dim]`` and Q ``[n_items, dim]`` (row 0 = unknown, zero): the score is
+        ``(P_u * h) . Q_j + b``, so these are the vectors the model ranks items by."""
+        m = self.module
+        with torch.no_grad():
+            return (m.user.weight * m.predict.weight).numpy().copy(), m.item.weight.numpy().copy()
+
 
 class NCFMLP(TrainedModel):
     family = "ncf_mlp"

@@ -7,7 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models import deepfm, item_knn, mf_implicit, mf_sgd, ncf, wals
+from models import (
+    bst,
+    cdae,
+    dcn,
+    deepfm,
+    din,
+    dlrm,
+    emb_knn,
+    item_knn,
+    mf_implicit,
+    mf_sgd,
+    mmoe,
+    ncf,
+    user_knn,
+    wals,
+    wide_deep,
+)
 from models.base import Task, TrainedModel
 
 
@@ -16,12 +32,16 @@ class Family:
     name: str
     task: Task
     config_cls: type
-    fit: Callable[..., TrainedModel]  # fit(snapshot, config, log) -> TrainedModel
+    fit: Callable[..., TrainedModel]  # fit(snapshot, config, log[, upstream]) -> TrainedModel
     load: Callable[[Path | str], TrainedModel]
+    # Families whose fitted models this one may build on (e.g. embeddings for emb_knn). When
+    # non-empty, fit takes a 4th argument ``upstream: Mapping[name, TrainedModel]`` holding
+    # (some of) them, fitted on the same snapshot; the orchestration makes each a dependency.
+    upstream: tuple[str, ...] = ()
 
 
-def _family(module: Any, model: type[TrainedModel]) -> Family:
-    return Family(model.family, model.task, module.Config, module.fit, model.load)
+def _family(module: Any, model: type[TrainedModel], upstream: tuple[str, ...] = ()) -> Family:
+    return Family(model.family, model.task, module.Config, module.fit, model.load, upstream)
 
 
 FAMILIES: dict[str, Family] = {
@@ -32,5 +52,20 @@ FAMILIES: dict[str, Family] = {
     "gmf": Family("gmf", Task.TOPK, ncf.GMFConfig, ncf.fit_gmf, ncf.GMF.load),
     "ncf_mlp": Family("ncf_mlp", Task.TOPK, ncf.MLPConfig, ncf.fit_mlp, ncf.NCFMLP.load),
     "neumf": Family("neumf", Task.TOPK, ncf.NeuMFConfig, ncf.fit_neumf, ncf.NeuMF.load),
+    "cdae": _family(cdae, cdae.CDAE),
     "deepfm": _family(deepfm, deepfm.DeepFM),
+    "wide_deep": _family(wide_deep, wide_deep.WideDeep),
+    "dlrm": _family(dlrm, dlrm.DLRM),
+    "dcn_stacked": Family("dcn_stacked", Task.CTR, dcn.StackedConfig, dcn.fit_stacked, dcn.DCNStacked.load),
+    "dcn_parallel": Family(
+        "dcn_parallel", Task.CTR, dcn.ParallelConfig, dcn.fit_parallel, dcn.DCNParallel.load
+    ),
+    "din": _family(din, din.DIN),
+    "bst": _family(bst, bst.BST),
+    "mmoe": _family(mmoe, mmoe.MMoEModel),
+    "user_knn": _family(user_knn, user_knn.UserKNN),
+    "user_knn_topk": Family(
+        "user_knn_topk", Task.TOPK, user_knn.TopKConfig, user_knn.fit_topk, user_knn.UserKNNTopK.load
+    ),
+    "emb_knn": _family(emb_knn, emb_knn.EmbKNN, upstream=emb_knn.SOURCES),
 }

@@ -178,6 +178,10 @@ class WALS(TrainedModel):
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
         return WALSScorer(meta["n_users"], meta["n_items"], config.dim)
 
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """U ``[n_users, dim]`` and V ``[n_items, dim]`` (row 0 = unknown, zero; cold rows zero)."""
+        return self.module.user_factors.numpy().copy(), self.module.item_factors.numpy().copy()
+
     def export_spec(self) -> ExportSpec:
         return user_topk_spec(self.meta, "scores = U[user] V^T")
 

@@ -19,7 +19,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from models import item_knn, wals
+from models import cdae, item_knn, wals
 from models.base import Task, load_model
 from models.config import parse_config
 from models.data import Snapshot
@@ -132,12 +132,18 @@ def snapshot(tmp_path_factory) -> Snapshot:
 _FITTED: dict[str, object] = {}
 
 
+def upstream_args(fam, get) -> list:
+    """A family built on other models (emb_knn) also gets them, fitted on the same snapshot."""
+    return [{u: get(u) for u in fam.upstream}] if fam.upstream else []
+
+
 @pytest.fixture
 def fitted(snapshot):
     def get(name: str):
         if name not in _FITTED:
             fam = FAMILIES[name]
-            _FITTED[name] = fam.fit(snapshot, parse_config(fam.config_cls, {}), lambda _: None)
+            config = parse_config(fam.config_cls, {})
+            _FITTED[name] = fam.fit(snapshot, config, lambda _: None, *upstream_args(fam, get))
         return _FITTED[name]
 
     yield get
@@ -151,8 +157,15 @@ def snapshot_inputs(model, snapshot: Snapshot) -> tuple[torch.Tensor, ...]:
         return torch.from_numpy(te.item_idx), torch.from_numpy(hist), torch.from_numpy(hr)
     if model.task is Task.RATING:
         return torch.from_numpy(te.user_idx), torch.from_numpy(te.item_idx)
+    if model.family == "cdae":  # user_idx plus the user's train item vector
+        users = np.unique(te.user_idx)
+        items = cdae.user_item_rows(cdae.binary_train_matrix(snapshot), users)
+        return torch.from_numpy(users), torch.from_numpy(items)
     if model.task is Task.TOPK:
         return (torch.from_numpy(np.unique(te.user_idx)),)
+    if "history" in [t.name for t in model.export_spec().inputs]:  # din, bst: plus the behaviour history
+        c = snapshot.ctr("test", max_history=model.meta["max_history"])
+        return torch.from_numpy(c.sparse), torch.from_numpy(c.dense), torch.from_numpy(c.history)
     c = snapshot.ctr("test", max_history=1)
     return torch.from_numpy(c.sparse), torch.from_numpy(c.dense)
 
@@ -226,6 +239,16 @@ def test_unknown_index_zero_follows_documented_fallback(name, fitted):
         assert torch.allclose(out, torch.tensor(model.meta["global_mean"]).expand_as(out))
     if name == "wals":  # unknown user -> train popularity
         assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
+    if name == "cdae":  # unknown user with an empty item vector -> train popularity
+        assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
+    if name == "emb_knn":  # unknown user -> train popularity (no neighbours to ask)
+        assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
+    if name == "user_knn":  # unknown user and item -> global mean; unknown user -> damped item mean
+        assert torch.allclose(out, torch.tensor(model.meta["global_mean"]).expand_as(out))
+        got = m(torch.tensor([0, 0]), torch.tensor([3, 3]))
+        assert torch.allclose(got, m.item_fallback[3].clamp(1, 5).expand(2))
+    if name == "user_knn_topk":  # unknown user -> train popularity
+        assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -281,7 +304,7 @@ def test_config_errors_name_field_family_and_allowed(name):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_fit_is_deterministic(name, fitted, snapshot):
     fam = FAMILIES[name]
-    again = fam.fit(snapshot, parse_config(fam.config_cls, {}), lambda _: None)
+    again = fam.fit(snapshot, parse_config(fam.config_cls, {}), lambda _: None, *upstream_args(fam, fitted))
     inputs = again.export_spec().example_inputs
     with torch.no_grad():
         assert torch.equal(fitted(name).scorer()(*inputs), again.scorer()(*inputs))

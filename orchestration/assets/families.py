@@ -5,6 +5,7 @@ import inspect
 import json
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,6 +49,45 @@ def _metrics_markdown(metrics: dict[str, float], baselines: dict[str, dict[str, 
     return "\n".join(lines)
 
 
+class UpstreamModels(Mapping):
+    """The upstream models a family may build on, loaded only when ``fit`` asks for one.
+
+    ``dirs`` maps family name -> saved model dir (the ``model_<family>`` asset values). A
+    family declares every candidate (``Family.upstream``) but its config picks which it uses
+    (emb_knn: ``source``); loading lazily keeps the others off disk and tells the asset which
+    ones went into the model (``used``), so lineage names exactly those."""
+
+    def __init__(self, dirs: Mapping[str, str]):
+        self.dirs = dict(dirs)
+        self._loaded: dict = {}
+
+    def __getitem__(self, family: str):
+        if family not in self._loaded:
+            from models.base import load_model
+
+            self._loaded[family] = load_model(self.dirs[family])
+        return self._loaded[family]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dirs)
+
+    def __len__(self) -> int:
+        return len(self.dirs)
+
+    def used(self) -> dict[str, str]:
+        """``{asset key: "run_id=... model_dir=..."}`` of the models fit loaded; the run id is the
+        folder the model asset wrote under (``artifacts/<family>/<run_id>/model``)."""
+        return {
+            f"model_{family}": f"run_id={Path(self.dirs[family]).parent.name} model_dir={self.dirs[family]}"
+            for family in self._loaded
+        }
+
+
+def upstream_input_name(family: str) -> str:
+    """The model asset's input (and Dagster ``ins`` key) for an upstream family's checkpoint."""
+    return f"model_{family}"
+
+
 def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
     from models.registry import FAMILIES
 
@@ -58,10 +98,14 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
         dg.AssetKey(f"{stage}_{name}") for stage in ("model", "onnx", "eval", "registry")
     )
 
+    # a family built on other families' models (emb_knn) depends on their model assets, so
+    # Dagster orders the runs and the lineage graph draws the edges
+    upstream_ins = {upstream_input_name(u): dg.AssetIn(dg.AssetKey(f"model_{u}")) for u in family.upstream}
+
     @dg.asset(
         key=model_key,
         group_name="train",
-        ins={"snapshot": dg.AssetIn(training_snapshot.key)},
+        ins={"snapshot": dg.AssetIn(training_snapshot.key), **upstream_ins},
         kinds={"pytorch"},
         code_version=version,
         pool=TRAINING_POOL,
@@ -71,9 +115,15 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
             f"`{name}` ({task}) trained on the mart snapshot; checkpoint (`model.pt`, "
             f"`config.json`) under `$RECSYS_HOME/artifacts/{name}/<run_id>/model/`. Metadata: "
             "training curve, config, fit time."
+            + (
+                f" Built on the embeddings of one of {', '.join(family.upstream)} (config `source`);"
+                " `upstream_models` names the one used."
+                if family.upstream
+                else ""
+            )
         ),
     )
-    def train(context: dg.AssetExecutionContext, snapshot: str):
+    def train(context: dg.AssetExecutionContext, snapshot: str, **upstream_dirs: str):
         from models.config import parse_config
         from models.data import Snapshot
 
@@ -83,7 +133,13 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
         except (TypeError, ValueError) as exc:
             raise dg.Failure(f"model config for {name}: {exc}") from exc
         start = time.perf_counter()
-        model = family.fit(Snapshot(snapshot), config, context.log.info)
+        if family.upstream:
+            upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
+            model = family.fit(Snapshot(snapshot), config, context.log.info, upstream)
+            # saved in config.json's meta, read back by the export step into lineage.json
+            model.meta["upstream_models"] = upstream.used()
+        else:
+            model = family.fit(Snapshot(snapshot), config, context.log.info)
         seconds = time.perf_counter() - start
         out = settings.artifacts_dir / name / context.run_id / "model"
         model.save(out)
@@ -97,6 +153,11 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
                 "history": dg.MetadataValue.json(model.history),
                 "config": dg.MetadataValue.json(_jsonable(model.config)),
                 "snapshot": snapshot,
+                **(
+                    {"upstream_models": dg.MetadataValue.json(model.meta["upstream_models"])}
+                    if family.upstream
+                    else {}
+                ),
             },
         )
 

@@ -1,0 +1,111 @@
+"""Neighbour rows of the train interaction matrix, gathered inside an exportable graph.
+
+Neighbourhood scorers (user_knn, emb_knn) need, for each request, a few rows of the train
+users x items matrix R: the rows of the user's k neighbours. ``NeighbourRows`` keeps R as
+CSR buffers and reads those rows with Gather/ScatterElements only, so the ONNX graph is
+self-contained and nothing ever densifies users x items:
+
+- ``forward(nbr_idx [B, k], nbr_weight [B, k]) -> [B, n_items]``: the weighted sum of the
+  neighbours' rows, ``sum_j w[b, j] * R[nbr_idx[b, j], :]`` (top-K scoring). Each
+  neighbour's row is read as positions ``indptr[v] + arange(max_row)``, masked past the
+  row's end and scatter-added into the output. Memory per call ~ ``B * s * max_row * 20``
+  bytes with s = ``slots_per_step`` neighbours at a time (all k when None).
+- ``lookup(nbr_idx [B, k], item_idx [B]) -> (R[nbr, item] [B, k], found [B, k])``: one cell
+  per neighbour (rating prediction), by a binary search in each neighbour's sorted row,
+  unrolled ``max_row.bit_length()`` times; memory ~ ``B * k`` per step, whatever max_row is.
+
+Neighbour index 0 (and weight 0) is padding: index 0 reads as an empty row even when R's
+row 0 has entries, so padded slots never contribute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+
+class NeighbourRows(nn.Module):
+    """The train matrix as persistent CSR buffers ``indptr [n_users + 1]``, ``indices [nnz]``
+    (sorted within each row), ``values [nnz]``; build from meta ``(n_users, n_items, nnz,
+    max_row)`` then ``load_state_dict``, or fill from a scipy matrix with ``from_csr``."""
+
+    def __init__(self, n_users: int, n_items: int, nnz: int, max_row: int, slots_per_step: int | None = None):
+        super().__init__()
+        if slots_per_step is not None and slots_per_step < 1:
+            raise ValueError(f"slots_per_step must be >= 1 or None, got {slots_per_step}")
+        self.n_users, self.n_items, self.nnz, self.max_row = n_users, n_items, nnz, max_row
+        # Neighbours read per scatter step: a static loop over the k axis that bounds the
+        # gathered [B, s, max_row] block; None reads all k at once (k may then be dynamic).
+        self.slots_per_step = slots_per_step
+        self.register_buffer("indptr", torch.zeros(n_users + 1, dtype=torch.int64))
+        # At least one slot, so a masked position 0 is always a valid Gather index.
+        self.register_buffer("indices", torch.zeros(max(nnz, 1), dtype=torch.int64))
+        self.register_buffer("values", torch.zeros(max(nnz, 1)))
+        self.register_buffer("offsets", torch.arange(max(max_row, 1)), persistent=False)
+
+    @classmethod
+    def from_csr(cls, csr: sp.spmatrix, slots_per_step: int | None = None) -> NeighbourRows:
+        """Copy a users x items scipy matrix (duplicates summed, columns sorted per row)."""
+        m = sp.csr_matrix(csr, dtype=np.float32, copy=True)
+        m.sum_duplicates()
+        m.sort_indices()
+        lengths = np.diff(m.indptr)
+        rows = cls(m.shape[0], m.shape[1], int(m.nnz), int(lengths.max(initial=0)), slots_per_step)
+        rows.indptr.copy_(torch.from_numpy(m.indptr.astype(np.int64)))
+        if m.nnz:
+            rows.indices.copy_(torch.from_numpy(m.indices.astype(np.int64)))
+            rows.values.copy_(torch.from_numpy(m.data.astype(np.float32)))
+        return rows
+
+    def meta(self) -> dict:
+        """What ``__init__`` needs to rebuild the empty module before ``load_state_dict``."""
+        return {"n_users": self.n_users, "n_items": self.n_items, "nnz": self.nnz, "max_row": self.max_row}
+
+    def _rows(self, nbr_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start position and length of each neighbour's row; padding / out of range -> empty."""
+        valid = (nbr_idx > 0) & (nbr_idx < self.n_users)
+        v = torch.where(valid, nbr_idx, torch.zeros_like(nbr_idx))
+        start = self.indptr[v]
+        length = torch.where(valid, self.indptr[v + 1] - start, torch.zeros_like(start))
+        return start, length
+
+    def _scatter(self, out: torch.Tensor, nbr_idx: torch.Tensor, nbr_weight: torch.Tensor) -> torch.Tensor:
+        start, length = self._rows(nbr_idx)  # [B, s]
+        inside = self.offsets < length.unsqueeze(2)  # [B, s, max_row]
+        pos = torch.where(inside, start.unsqueeze(2) + self.offsets, torch.zeros_like(start).unsqueeze(2))
+        cols = torch.where(inside, self.indices[pos], torch.zeros_like(pos))
+        vals = torch.where(
+            inside, self.values[pos] * nbr_weight.unsqueeze(2), torch.zeros_like(nbr_weight)[..., None]
+        )
+        return out.scatter_add(1, cols.flatten(1), vals.flatten(1))
+
+    def forward(self, nbr_idx: torch.Tensor, nbr_weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((nbr_idx.shape[0], self.n_items), dtype=nbr_weight.dtype)
+        if self.slots_per_step is None:
+            return self._scatter(out, nbr_idx, nbr_weight)
+        step = self.slots_per_step
+        for lo in range(0, nbr_idx.shape[1], step):
+            out = self._scatter(out, nbr_idx[:, lo : lo + step], nbr_weight[:, lo : lo + step])
+        return out
+
+    def lookup(self, nbr_idx: torch.Tensor, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``R[nbr_idx[b, j], item_idx[b]]`` and whether that cell is stored, both ``[B, k]``.
+
+        Lower-bound binary search of the item in each neighbour's sorted row, unrolled a fixed
+        ``max_row.bit_length()`` times (enough to empty any row's search range)."""
+        start, length = self._rows(nbr_idx)
+        end = start + length
+        lo, hi = start, end
+        target = item_idx.unsqueeze(1)
+        last = self.indices.shape[0] - 1
+        for _ in range(max(self.max_row, 1).bit_length()):
+            active = lo < hi
+            mid = torch.div(lo + hi, 2, rounding_mode="floor")
+            below = self.indices[mid.clamp(max=last)] < target
+            lo = torch.where(active & below, mid + 1, lo)
+            hi = torch.where(active & ~below, mid, hi)
+        pos = lo.clamp(max=last)
+        found = (lo < end) & (self.indices[pos] == target)
+        return torch.where(found, self.values[pos], torch.zeros_like(self.values[pos])), found

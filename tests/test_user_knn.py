@@ -1,0 +1,236 @@
+"""user_knn / user_knn_topk and the shared NeighbourRows, against dense numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from test_models import write_tiny_snapshot
+
+from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec
+from export.parity import parity_gate, standard_cases
+from export.pipeline import export_family
+from models import user_knn
+from models.config import ConfigError, parse_config
+from models.data import Snapshot
+from models.neighbours import NeighbourRows
+from models.registry import FAMILIES
+
+
+def random_ratings(n_users: int, n_items: int, density: float, seed: int) -> np.ndarray:
+    """Dense users x items with 0 = missing; row 0 and column 0 (padding) empty."""
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n_users, n_items)) < density, rng.integers(1, 6, (n_users, n_items)), 0)
+    dense = dense.astype(np.float64)
+    dense[0], dense[:, 0] = 0, 0
+    return dense
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory) -> Snapshot:
+    return Snapshot(write_tiny_snapshot(tmp_path_factory.mktemp("snap")))
+
+
+# --- NeighbourRows --------------------------------------------------------------------------
+@pytest.mark.parametrize("slots_per_step", [None, 1, 3])
+def test_neighbour_rows_equal_dense_matmul(slots_per_step):
+    rng = np.random.default_rng(0)
+    dense = random_ratings(25, 17, 0.35, seed=2)
+    dense[0, 3] = 4.0  # row 0 holds data, yet index 0 is padding: it must never contribute
+    dense[7] = 0  # an empty row
+    rows = NeighbourRows.from_csr(sp.csr_matrix(dense), slots_per_step=slots_per_step)
+    idx = rng.integers(0, 25, (9, 8))
+    idx[0, :] = 0
+    idx[1, 2] = 7
+    idx[2, 1] = 99  # out of range: read as empty
+    w = rng.normal(size=(9, 8)).astype(np.float32)
+    padded = np.vstack([dense, np.zeros((100, 17))])
+    padded[0] = 0
+    ref = np.einsum("bk,bki->bi", w, padded[idx])
+    with torch.no_grad():
+        got = rows(torch.from_numpy(idx), torch.from_numpy(w)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # lookup: one cell per neighbour, found = stored
+    item = rng.integers(0, 17, 9)
+    value, found = rows.lookup(torch.from_numpy(idx), torch.from_numpy(item))
+    cell = padded[idx, item[:, None]]
+    np.testing.assert_array_equal(value.numpy(), cell.astype(np.float32))
+    np.testing.assert_array_equal(found.numpy(), cell != 0)
+
+
+def test_neighbour_rows_lookup_finds_every_stored_cell_of_long_rows():
+    """The unrolled binary search must reach both ends of rows of every length up to max_row."""
+    dense = np.zeros((6, 40))
+    for u, length in enumerate([0, 1, 2, 31, 32, 39]):
+        dense[u, 1 : length + 1] = np.arange(1, length + 1)
+    rows = NeighbourRows.from_csr(sp.csr_matrix(dense))
+    users, items = np.meshgrid(np.arange(1, 6), np.arange(40), indexing="ij")
+    value, found = rows.lookup(torch.from_numpy(users.reshape(-1, 1)), torch.from_numpy(items.reshape(-1)))
+    np.testing.assert_array_equal(value.numpy().ravel(), dense[users, items].ravel())
+    np.testing.assert_array_equal(found.numpy().ravel(), dense[users, items].ravel() != 0)
+
+
+def test_neighbour_rows_rebuild_from_meta_and_state_dict():
+    rows = NeighbourRows.from_csr(sp.csr_matrix(random_ratings(10, 8, 0.5, seed=1)))
+    again = NeighbourRows(**rows.meta())
+    again.load_state_dict(rows.state_dict())
+    idx, w = torch.tensor([[1, 2, 0], [9, 3, 4]]), torch.rand(2, 3)
+    assert torch.equal(again(idx, w), rows(idx, w))
+
+
+# --- similarity -------------------------------------------------------------------------------
+def brute_force_user_similarity(dense: np.ndarray, shrink: float, similarity: str) -> np.ndarray:
+    mask = dense != 0
+    means = np.array([row[m].mean() if m.any() else 0.0 for row, m in zip(dense, mask)])
+    c = np.where(mask, dense - means[:, None], 0.0)
+    n = len(dense)
+    sim = np.zeros((n, n))
+    for u in range(1, n):
+        for v in range(1, n):
+            both = mask[u] & mask[v]
+            common = both.sum()
+            if u == v or common == 0:
+                continue
+            if similarity == "cosine":
+                nu, nv = np.linalg.norm(c[u]), np.linalg.norm(c[v])
+                s = c[u] @ c[v] / (nu * nv) if nu > 0 and nv > 0 else 0.0
+            else:  # Pearson over co-rated items, centred by the co-rated means
+                a, b = dense[u, both], dense[v, both]
+                a, b = a - a.mean(), b - b.mean()
+                den = np.sqrt((a @ a) * (b @ b))
+                s = a @ b / den if common >= 2 and den > 1e-9 else 0.0
+            sim[u, v] = s * common / (common + shrink)
+    return np.maximum(sim, 0.0)
+
+
+def as_dense(idx: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(idx), len(idx)))
+    for u in range(len(idx)):
+        for v, s in zip(idx[u], sim[u]):
+            if v:
+                out[u, v] = s
+    return out
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "pearson"])
+def test_similarity_matches_brute_force(similarity):
+    dense = random_ratings(14, 10, 0.6, seed=1)
+    truth = brute_force_user_similarity(dense, shrink=3.0, similarity=similarity)
+    assert (truth > 0).sum() > 20  # the reference is not trivially empty
+    idx, sim = user_knn.user_similarity_topk(sp.csr_matrix(dense), 13, 3.0, similarity, block_size=4)
+    np.testing.assert_allclose(as_dense(idx, sim), truth, atol=1e-6)
+    # top-k keeps each user's k largest, in descending order
+    idx, sim = user_knn.user_similarity_topk(sp.csr_matrix(dense), 3, 3.0, similarity, block_size=5)
+    for u in range(14):
+        np.testing.assert_allclose(sim[u], np.sort(truth[u])[::-1][:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "pearson"])
+def test_blocked_equals_unblocked(similarity):
+    train = sp.csr_matrix(random_ratings(40, 30, 0.3, seed=3))
+    one = user_knn.user_similarity_topk(train, 6, 10.0, similarity, block_size=40)
+    for block in (1, 7):
+        idx, sim = user_knn.user_similarity_topk(train, 6, 10.0, similarity, block_size=block)
+        np.testing.assert_array_equal(idx, one[0])
+        np.testing.assert_allclose(sim, one[1], rtol=1e-6)
+
+
+# --- rating -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", ["seed", "baseline"])
+def test_rating_scorer_equals_numpy_reference(snapshot, prediction):
+    config = user_knn.Config(k=8, shrink=5.0, prediction=prediction)
+    model = user_knn.fit(snapshot, config, lambda _: None)
+    train = snapshot.train_matrix()
+    rows = [snapshot.ratings(s) for s in ("valid", "test")]
+    users = np.concatenate([r.user_idx for r in rows] + [np.array([0, 0, 5, 5, 10_000, 3])])
+    items = np.concatenate([r.item_idx for r in rows] + [np.array([0, 7, 0, 9, 4, -2])])
+    m = model.scorer()
+    base = user_knn.baseline(train, config)
+    ref = user_knn.predict_numpy(
+        m.nbr_idx.numpy(), m.nbr_sim.numpy(), base, train, model.meta["rating_range"], users, items
+    )
+    got = user_knn.predict(model, users, items, batch=13)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # neighbours really contribute on most rows (not only the fallback)
+    n = len(users) - 6
+    plain = np.clip(base.user_offset[users[:n]] + base.item_offset[items[:n]], 1, 5)
+    assert (np.abs(got[:n] - plain) > 1e-6).mean() > 0.3
+    # documented fallbacks: unknown user -> damped item mean, unknown both -> global mean
+    assert got[-6] == pytest.approx(model.meta["global_mean"], abs=1e-5)
+    assert got[-5] == pytest.approx(base.item_fallback[7], abs=1e-5)
+    assert got[-2] == pytest.approx(base.item_fallback[4], abs=1e-5)  # out-of-range user = unknown
+
+
+def test_seed_formula_by_hand():
+    """Three users, the seed formula written out for one cell."""
+    dense = np.zeros((4, 4))
+    dense[1, 1:] = [5, 3, 4]  # u1 mean 4
+    dense[2, 1:] = [4, 2, 0]  # u2 mean 3, did not rate item 3
+    dense[3, 1:] = [2, 1, 3]  # u3 mean 2
+    train = sp.csr_matrix(dense)
+    nbr_idx = np.array([[0, 0], [3, 0], [1, 3], [1, 0]])
+    nbr_sim = np.array([[0, 0], [0.5, 0], [0.8, 0.2], [0.5, 0]], dtype=np.float32)
+    base = user_knn.baseline(train, user_knn.Config())
+    pred = user_knn.predict_numpy(nbr_idx, nbr_sim, base, train, (1.0, 5.0), np.array([2]), np.array([3]))
+    expected = 3 + (0.8 * (4 - 4) + 0.2 * (3 - 2)) / (0.8 + 0.2)
+    assert pred[0] == pytest.approx(expected)
+
+
+# --- top-K ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values", ["binary", "centred"])
+def test_topk_scores_equal_numpy_reference(snapshot, values):
+    model = user_knn.fit_topk(
+        snapshot, user_knn.TopKConfig(k=6, values=values, gather_budget=40), lambda _: None
+    )
+    assert model.meta["slots_per_step"] < model.meta["k"]  # several unrolled steps are exercised
+    m = model.scorer()
+    votes = user_knn.topk_values(snapshot.train_matrix(), values).toarray()
+    users = np.array([0, 1, 2, 5, 17, snapshot.n_users - 1, snapshot.n_users + 3])
+    with torch.no_grad():
+        got = m(torch.from_numpy(users)).numpy()
+    for row, u in zip(got, users):
+        if 0 < u < snapshot.n_users:
+            ref = m.nbr_sim[u].numpy() @ votes[m.nbr_idx[u].numpy()]
+        else:
+            ref = m.popularity.numpy()
+        np.testing.assert_allclose(row[1:], ref[1:], rtol=1e-5, atol=1e-5)
+        assert row[0] == -1e9
+
+
+# --- export, parity, config ----------------------------------------------------------------------
+def test_rating_export_and_parity(snapshot, tmp_path):
+    fam = FAMILIES["user_knn"]
+    model = fam.fit(snapshot, parse_config(fam.config_cls, {}), lambda _: None)
+    model.save(tmp_path / "model")
+    result = export_family(fam, tmp_path / "model", snapshot.path, tmp_path / "onnx", run_id="test")
+    assert result.parity_passed, result.parity_markdown
+    assert {"batch_1", "batch_257", "unknown_ids"} <= {c.name for c in result.parity.cases}
+    assert [i["name"] for i in result.signature["inputs"]] == ["user_idx", "item_idx"]
+
+
+def test_topk_export_and_parity(snapshot, tmp_path):
+    """Scores graph and top-K graph (K = 10: the tiny catalogue has fewer items than models.base.TOPK)."""
+    fam = FAMILIES["user_knn_topk"]
+    max_row = int(np.diff(snapshot.train_matrix().indptr).max())
+    # 20 neighbours per step: the k = 50 neighbours take 3 unrolled steps, all exported
+    model = fam.fit(snapshot, parse_config(fam.config_cls, {"gather_budget": 20 * max_row}), lambda _: None)
+    assert model.meta["slots_per_step"] == 20 and model.meta["k"] == 50
+    scorer, spec = model.scorer(), model.export_spec()
+    rng = np.random.default_rng(0)
+    path = export_onnx(scorer, spec, tmp_path / "model.onnx")
+    report = parity_gate(scorer, path, standard_cases(spec, snapshot.n_items, snapshot.n_users, rng))
+    assert report.passed, report.cases
+    top = export_topk_onnx(scorer, spec, 10, tmp_path / "model_topk.onnx")
+    cases = standard_cases(topk_spec(scorer, spec, 10), snapshot.n_items, snapshot.n_users, rng)
+    report = parity_gate(TopKScorer(scorer, 10), top, cases)
+    assert report.passed, report.cases
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="similarity"):
+        user_knn.Config(similarity="jaccard")
+    with pytest.raises(ValueError, match="values"):
+        user_knn.TopKConfig(values="ratings")
+    with pytest.raises(ConfigError, match="user_knn_topk"):
+        parse_config(user_knn.TopKConfig, {"prediction": "seed"})
