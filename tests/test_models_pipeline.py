@@ -61,6 +61,16 @@ def test_every_family_is_exported_evaluated_and_blessed(pipeline):
 
 
 @pytest.mark.slow
+def test_sequence_models_beat_deepfm_on_the_planted_sequential_signal(pipeline):
+    """DIN and BST read the behaviour history that DeepFM does not see; on the default data (whose
+    generator plants successor items) they must rank test clicks better, measured by onnxruntime."""
+    blessing = _checks(pipeline["result"], "blessing")
+    deepfm = blessing["eval_deepfm"].metadata["value"].value
+    for name in ("din", "bst"):
+        assert blessing[f"eval_{name}"].metadata["value"].value > deepfm, name
+
+
+@pytest.mark.slow
 def test_registry_holds_blessed_models_with_lineage(pipeline):
     home = pipeline["home"]
     registry = home / "registry"
