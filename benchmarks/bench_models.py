@@ -37,7 +37,17 @@ DEFAULT_FAMILIES = ("item_knn", "wals")
 # is printed in the table; nothing is skipped silently.
 # WALS at 10M with its default 10 iterations ran past 3 minutes (killed at 190 s, 2026-11-26),
 # so it is capped at 3 sweeps there.
-CAPS: dict[int, dict[str, dict]] = {10_000_000: {"wals": {"iterations": 3}}}
+# The neural top-K families at 10M (about 8M train positives, 4-5 sampled negatives each) are
+# capped at 2 epochs (cdae: 3, its epochs are one pass over users, not cells): enough to time
+# an epoch and see the metric move, not a converged model.
+CAPS: dict[int, dict[str, dict]] = {
+    10_000_000: {
+        "wals": {"iterations": 3},
+        "cdae": {"epochs": 3},
+        "gmf": {"epochs": 2},
+        "ncf_mlp": {"epochs": 2},
+    }
+}
 
 SNAPSHOT = """
 import duckdb

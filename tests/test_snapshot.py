@@ -43,5 +43,5 @@ def test_model_config_section_for_unknown_family_is_refused(tmp_path, monkeypatc
     bad = tmp_path / "models.toml"
     bad.write_text("[deep_fm]\nepochs = 3\n")
     monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(bad))
-    with pytest.raises(dg.Failure, match=r"\[deep_fm\].*known families: deepfm"):
+    with pytest.raises(dg.Failure, match=r"\[deep_fm\].*Did you mean \[deepfm\]\?.*known families: .*deepfm"):
         family_configs(load_settings())

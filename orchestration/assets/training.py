@@ -10,6 +10,7 @@ Every family in ``models.registry.FAMILIES`` gets the same four assets:
 so adding a family is one file in models/, one registry line and one config entry.
 """
 
+import difflib
 import json
 import time
 import tomllib
@@ -40,8 +41,10 @@ def family_configs(settings: Settings) -> dict[str, dict]:
 
         for family, values in data.items():
             if family not in FAMILIES:
+                close = difflib.get_close_matches(family, FAMILIES, n=1)
+                hint = f" Did you mean [{close[0]}]?" if close else ""
                 raise dg.Failure(
-                    f"model config {path} has a section [{family}], which is not a family; "
+                    f"model config {path} has a section [{family}], which is not a family;{hint} "
                     f"known families: {', '.join(sorted(FAMILIES))}."
                 )
             merged.setdefault(family, {}).update(values)
