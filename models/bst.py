@@ -39,12 +39,13 @@ from torch import nn
 
 from models import din
 from models.base import ExportSpec, Task, TrainedModel
+from models.ctr import CtrConfig
 from models.data import Snapshot
 from models.layers import MLP, FeaturesEmbedding
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(CtrConfig):
     # 16-dim embeddings as the other CTR families here; also the transformer's model width.
     embed_dim: int = 16
     # 2 heads of 8 dims: heads narrower than ~8 dims lose expressiveness, the paper's 8 heads
@@ -64,17 +65,7 @@ class Config:
     max_history: int = 50
     # Adam 1e-3 with early stopping on valid AUC (see DeepFM), but batch 256 as transformer
     # sequence recommenders use (BERT4Rec): at 1024 a 100k-row set gives ~80 steps an epoch.
-    lr: float = 1e-3
     batch_size: int = 256
-    epochs: int = 10
-    patience: int = 2
-    # L2 on the embedding rows a batch touches (FuxiCTR's embedding_regularizer).
-    embedding_reg: float = 1e-5
-    # Fraction of user/item ids replaced by the unknown bucket (0) while training.
-    unknown_rate: float = 0.05
-    # "like" or "love": which label of fct_ctr_samples is the click.
-    label: str = "like"
-    seed: int = 0
 
     def __post_init__(self):
         din.check_sequence_config(self)

@@ -1,8 +1,10 @@
-"""The training recipe of the single-task CTR families (deepfm, wide_deep, dlrm, dcn_stacked,
-dcn_parallel): they differ only in architecture.
+"""The training recipe of the ranking families on ``fct_ctr_samples``: deepfm, wide_deep, dlrm,
+dcn_stacked, dcn_parallel (``fit_ctr``, they differ only in architecture), and the sequence
+(din, bst) and multi-task (mmoe) families, which call ``train_ctr`` with their own inputs,
+labels and early-stopping metric.
 
-Each family subclasses ``CtrConfig`` (adding its architecture fields) and ``CtrModel`` (setting
-``family``, ``config_cls`` and ``build_module``), and its ``fit`` is ``fit_ctr``:
+A single-task family subclasses ``CtrConfig`` (adding its architecture fields) and ``CtrModel``
+(setting ``family``, ``config_cls`` and ``build_module``), and its ``fit`` is ``fit_ctr``:
 
 - inputs ``sparse [B, F]`` (meta["sparse_fields"] order, 0 = unknown) and ``dense [B, D]`` ->
   ``logit [B]``; the module must keep its field embeddings as ``module.embedding``;
@@ -32,8 +34,8 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class CtrConfig:
-    """The training fields every single-task CTR family shares (architecture fields go in subclasses)."""
+class CtrTraining:
+    """The training fields every ranking family shares (architecture fields go in subclasses)."""
 
     # Adam 1e-3 with batch 1024: the standard CTR recipe; CTR models over-fit after 1-3
     # epochs, so early stopping on valid AUC does the real work.
@@ -45,23 +47,33 @@ class CtrConfig:
     embedding_reg: float = 1e-5
     # Fraction of user/item ids replaced by the unknown bucket (0) while training.
     unknown_rate: float = 0.05
-    # "like" or "love": which label of fct_ctr_samples is the click.
-    label: str = "like"
     seed: int = 0
 
     def __post_init__(self):
-        if self.label not in ("like", "love"):
-            raise ValueError(f"label must be 'like' or 'love', got {self.label!r}")
         if not 0 <= self.unknown_rate < 1:
             raise ValueError(f"unknown_rate must be in [0, 1), got {self.unknown_rate}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.patience < 1:
             raise ValueError("lr must be > 0 and batch_size, epochs, patience >= 1")
 
 
+@dataclass(frozen=True)
+class CtrConfig(CtrTraining):
+    """A single-task family's training fields: ``CtrTraining`` plus which label is the click."""
+
+    # "like" or "love": which label of fct_ctr_samples is the click.
+    label: str = "like"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label not in ("like", "love"):
+            raise ValueError(f"label must be 'like' or 'love', got {self.label!r}")
+
+
 class CtrModel(TrainedModel):
-    """A fitted CTR family: ``sparse [B, F]``, ``dense [B, D]`` -> ``logit [B]``, deepfm's contract."""
+    """A fitted CTR family: ``sparse [B, F]``, ``dense [B, D]`` -> ``logit [B]``."""
 
     task: ClassVar[Task] = Task.CTR
+
     def export_spec(self) -> ExportSpec:
         g = torch.Generator().manual_seed(0)
         card = torch.tensor(self.meta["cardinalities"])
@@ -84,30 +96,61 @@ class CtrModel(TrainedModel):
         )
 
 
-def fit_ctr(snapshot: Snapshot, config: CtrConfig, model_cls: type[CtrModel], log: Log = print) -> CtrModel:
-    """Train ``model_cls.build_module(config, meta)`` on fct_ctr_samples (see the module docstring)."""
-    family = model_cls.family
+ID_FIELDS = ("user_idx", "item_idx")
+
+
+def ctr_meta(snapshot: Snapshot) -> dict:
+    """Field order and sizes of the ``sparse``/``dense`` inputs, from the snapshot's meta.json."""
     fields = list(snapshot.meta["sparse_fields"])
-    meta = {
+    return {
         "cardinalities": [int(snapshot.meta["sparse_cardinality"][f]) for f in fields],
         "sparse_fields": fields,
         "dense_fields": list(snapshot.meta["dense_fields"]),
     }
-    train, valid = snapshot.ctr("train", max_history=1), snapshot.ctr("valid", max_history=1)
+
+
+def _has_both_classes(labels: np.ndarray) -> bool:
+    """True if the labels (``[N]``, or ``[N, tasks]``: any task) hold both classes."""
+    columns = labels.reshape(len(labels), -1).T
+    return len(labels) > 0 and any(len(np.unique(col)) == 2 for col in columns)
+
+
+def train_ctr(
+    snapshot: Snapshot,
+    config: CtrTraining,
+    build: Callable[[], nn.Module],
+    meta: dict,
+    family: str,
+    log: Log,
+    *,
+    features: Callable = lambda c: (c.sparse, c.dense),
+    labels: Callable,
+    metric: Callable[[np.ndarray, np.ndarray], float] = lambda logits, y: auc(logits, y),
+    metric_name: str = "auc",
+    max_history: int = 1,
+) -> tuple[nn.Module, list[dict]]:
+    """Train ``build()`` on the train split of fct_ctr_samples, early stopping on ``metric`` over valid.
+
+    ``features(c)`` gives the module's inputs from ``Snapshot.ctr`` arrays (``sparse`` first: it
+    gets the unknown-id masking), ``labels(c)`` the targets (``[N]`` or ``[N, tasks]``). The
+    early-stopping rows are valid when they hold both classes (any task), else train (a tiny split).
+    """
+    train = snapshot.ctr("train", max_history=max_history)
     if len(train) == 0:
         raise ValueError(f"{snapshot.path}: empty train split in fct_ctr_samples; {family} needs train rows")
-    label = f"label_{config.label}"
-    id_columns = [c for c, f in enumerate(fields) if f in ("user_idx", "item_idx")]
-    ev = valid if len(valid) and len(np.unique(getattr(valid, label))) == 2 else train
+    valid = snapshot.ctr("valid", max_history=max_history)
+    ev = valid if _has_both_classes(labels(valid)) else train
+    ev_x, ev_y = features(ev), labels(ev)
+    id_columns = [c for c, f in enumerate(meta["sparse_fields"]) if f in ID_FIELDS]
     with deterministic(config.seed):
-        module = model_cls.build_module(config, meta)
+        module = build()
         history = train_torch(
             module,
             lambda m, b: loss_fn(m, b, config, id_columns),
-            (train.sparse, train.dense, getattr(train, label)),
-            lambda m: auc(predict_logits(m, ev.sparse, ev.dense), getattr(ev, label)),
+            (*features(train), labels(train)),
+            lambda m: metric(predict_logits(m, *ev_x), ev_y),
             family=family,
-            metric_name="auc",
+            metric_name=metric_name,
             higher_is_better=True,
             epochs=config.epochs,
             batch_size=config.batch_size,
@@ -117,10 +160,26 @@ def fit_ctr(snapshot: Snapshot, config: CtrConfig, model_cls: type[CtrModel], lo
             seed=config.seed,
             log=log,
         )
+    return module, history
+
+
+def fit_ctr(snapshot: Snapshot, config: CtrConfig, model_cls: type[CtrModel], log: Log = print) -> CtrModel:
+    """Train ``model_cls.build_module(config, meta)`` on ``sparse, dense`` -> ``label_<config.label>``."""
+    meta = ctr_meta(snapshot)
+    module, history = train_ctr(
+        snapshot,
+        config,
+        lambda: model_cls.build_module(config, meta),
+        meta,
+        model_cls.family,
+        log,
+        labels=lambda c: getattr(c, f"label_{config.label}"),
+    )
     return model_cls(config, module, meta, history)
 
 
-def _mask_ids(sparse: torch.Tensor, columns: list[int], rate: float) -> torch.Tensor:
+def mask_ids(sparse: torch.Tensor, columns: list[int], rate: float) -> torch.Tensor:
+    """Replace a random ``rate`` of the ids in ``columns`` by 0 (the unknown bucket)."""
     if rate <= 0 or not columns:
         return sparse
     sparse = sparse.clone()
@@ -129,13 +188,20 @@ def _mask_ids(sparse: torch.Tensor, columns: list[int], rate: float) -> torch.Te
     return sparse
 
 
-def loss_fn(
-    module: nn.Module, batch, config: CtrConfig, id_columns: tuple[int, ...] | list[int] = ()
-) -> torch.Tensor:
-    """BCE-with-logits (+ L2 on the touched embedding rows); ``id_columns`` get unknown-id masking."""
-    sparse, dense, y = batch
-    sparse = _mask_ids(sparse, list(id_columns), config.unknown_rate)
-    loss = nn.functional.binary_cross_entropy_with_logits(module(sparse, dense), y)
+def loss_fn(module: nn.Module, batch, config, id_columns: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+    """BCE-with-logits (+ L2 on the touched embedding rows); ``batch = (sparse, *other inputs, y)``.
+
+    ``id_columns`` of ``sparse`` get unknown-id masking. With ``y [B, tasks]`` the loss is
+    ``sum_t w_t * mean BCE(task t)``, ``w = config.task_weights`` (multi-task families).
+    """
+    sparse, *rest, y = batch
+    sparse = mask_ids(sparse, list(id_columns), config.unknown_rate)
+    logits = module(sparse, *rest)
+    if y.dim() == 1:
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
+    else:
+        per_task = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0)
+        loss = (per_task * torch.tensor(config.task_weights, dtype=per_task.dtype)).sum()
     if config.embedding_reg > 0:
         loss = loss + config.embedding_reg * module.embedding(sparse).pow(2).sum(dim=(1, 2)).mean()
     return loss
@@ -149,10 +215,11 @@ def training_batch(snapshot: Snapshot, config: CtrConfig, rows: int = 256) -> tu
 
 
 @torch.no_grad()
-def predict_logits(module: nn.Module, sparse: np.ndarray, dense: np.ndarray, batch: int = 8192) -> np.ndarray:
+def predict_logits(module: nn.Module, *arrays: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """Eval-mode logits for row-aligned input arrays, in batches."""
     module.eval()
+    n = len(arrays[0])
     out = [
-        module(torch.from_numpy(sparse[lo : lo + batch]), torch.from_numpy(dense[lo : lo + batch])).numpy()
-        for lo in range(0, len(sparse), batch)
+        module(*(torch.from_numpy(a[lo : lo + batch]) for a in arrays)).numpy() for lo in range(0, n, batch)
     ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -32,21 +32,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
+from models import ctr
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
+from models.ctr import CtrConfig, train_ctr
 from models.data import Snapshot
 from models.layers import MLP, FeaturesEmbedding
-from models.train import auc, deterministic, train_torch
 
 ITEM_FIELD = "item_idx"
-ID_FIELDS = ("user_idx", "item_idx")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(CtrConfig):
     # 16-dim embeddings, as DeepFM here: FuxiCTR's DIN benchmarks use 10-16 on MovieLens/Taobao.
     embed_dim: int = 16
     # The activation unit's tower: FuxiCTR's DIN default is 64-32 (the paper's figure shows 36;
@@ -63,29 +62,15 @@ class Config:
     # Most recent history items kept: 50 is the common behaviour-sequence cap (FuxiCTR/DIN on
     # Amazon and MovieLens, and this repo's dbt `history_len`); older items add cost, little signal.
     max_history: int = 50
-    # Adam 1e-3, batch 1024, early stopping on valid AUC: the standard CTR recipe (see DeepFM).
-    lr: float = 1e-3
-    batch_size: int = 1024
-    epochs: int = 10
-    patience: int = 2
-    # L2 on the embedding rows a batch touches (FuxiCTR's embedding_regularizer).
-    embedding_reg: float = 1e-5
-    # Fraction of user/item ids replaced by the unknown bucket (0) while training.
-    unknown_rate: float = 0.05
-    # "like" or "love": which label of fct_ctr_samples is the click.
-    label: str = "like"
-    seed: int = 0
+    # Training fields (Adam 1e-3, batch 1024, early stopping on valid AUC, label...): CtrConfig.
 
     def __post_init__(self):
         check_sequence_config(self)
 
 
 def check_sequence_config(config) -> None:
-    """Range checks shared by the sequence families' Configs."""
-    if config.label not in ("like", "love"):
-        raise ValueError(f"label must be 'like' or 'love', got {config.label!r}")
-    if not 0 <= config.unknown_rate < 1:
-        raise ValueError(f"unknown_rate must be in [0, 1), got {config.unknown_rate}")
+    """Range checks shared by the sequence families' Configs (after CtrConfig's own)."""
+    CtrConfig.__post_init__(config)
     if config.max_history < 2:
         # 1 would let torch.export specialise the dynamic history axis of the example input
         raise ValueError(f"max_history must be >= 2, got {config.max_history}")
@@ -236,24 +221,9 @@ def sequence_export_spec(model: TrainedModel) -> ExportSpec:
     )
 
 
-def mask_ids(sparse: torch.Tensor, columns: list[int], rate: float) -> torch.Tensor:
-    """Replace a random ``rate`` of the ids in ``columns`` by 0 (the unknown bucket)."""
-    if rate <= 0 or not columns:
-        return sparse
-    sparse = sparse.clone()
-    cols = sparse[:, columns]
-    sparse[:, columns] = torch.where(torch.rand(cols.shape) < rate, torch.zeros_like(cols), cols)
-    return sparse
-
-
-def loss_fn(module: nn.Module, batch, config, id_columns: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
-    """BCE-with-logits (+ L2 on the touched field embedding rows); ``id_columns`` get unknown-id masking."""
-    sparse, dense, history, y = batch
-    sparse = mask_ids(sparse, list(id_columns), config.unknown_rate)
-    loss = nn.functional.binary_cross_entropy_with_logits(module(sparse, dense, history), y)
-    if config.embedding_reg > 0:
-        loss = loss + config.embedding_reg * module.embedding(sparse).pow(2).sum(dim=(1, 2)).mean()
-    return loss
+# BCE-with-logits on ``module(sparse, dense, history)`` (+ embedding L2), unknown-id masking on
+# ``sparse``: the shared ranking loss, whose batch is ``(sparse, dense, history, y)`` here.
+loss_fn = ctr.loss_fn
 
 
 def training_batch(snapshot: Snapshot, config, rows: int = 256) -> tuple[torch.Tensor, ...]:
@@ -261,16 +231,6 @@ def training_batch(snapshot: Snapshot, config, rows: int = 256) -> tuple[torch.T
     c = snapshot.ctr("train", max_history=config.max_history)
     label = getattr(c, f"label_{config.label}")
     return tuple(torch.from_numpy(a[:rows]) for a in (c.sparse, c.dense, c.history, label))
-
-
-@torch.no_grad()
-def predict_logits(module: nn.Module, c, batch: int = 4096) -> np.ndarray:
-    module.eval()
-    out = [
-        module(*(torch.from_numpy(a[lo : lo + batch]) for a in (c.sparse, c.dense, c.history))).numpy()
-        for lo in range(0, len(c), batch)
-    ]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def fit_sequence(
@@ -282,32 +242,18 @@ def fit_sequence(
 ) -> tuple[nn.Module, dict, list[dict]]:
     """Train ``build(meta)`` on the train split's CTR rows with their histories (last
     ``config.max_history`` items), early stopping on valid AUC. Returns (module, meta, history)."""
-    train = snapshot.ctr("train", max_history=config.max_history)
-    if len(train) == 0:
-        raise ValueError(f"{snapshot.path}: empty train split in fct_ctr_samples; {family} needs train rows")
-    valid = snapshot.ctr("valid", max_history=config.max_history)
     meta = sequence_meta(snapshot, config)
-    label = f"label_{config.label}"
-    id_columns = [c for c, f in enumerate(meta["sparse_fields"]) if f in ID_FIELDS]
-    ev = valid if len(valid) and len(np.unique(getattr(valid, label))) == 2 else train
-    with deterministic(config.seed):
-        module = build(meta)
-        history = train_torch(
-            module,
-            lambda m, b: loss_fn(m, b, config, id_columns),
-            (train.sparse, train.dense, train.history, getattr(train, label)),
-            lambda m: auc(predict_logits(m, ev), getattr(ev, label)),
-            family=family,
-            metric_name="auc",
-            higher_is_better=True,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            optimizer="adam",
-            lr=config.lr,
-            patience=config.patience,
-            seed=config.seed,
-            log=log,
-        )
+    module, history = train_ctr(
+        snapshot,
+        config,
+        lambda: build(meta),
+        meta,
+        family,
+        log,
+        features=lambda c: (c.sparse, c.dense, c.history),
+        labels=lambda c: getattr(c, f"label_{config.label}"),
+        max_history=config.max_history,
+    )
     return module, meta, history
 
 

@@ -21,17 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import ctr
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
+from models.ctr import CtrTraining, ctr_meta, train_ctr
 from models.data import Snapshot
 from models.layers import MLP, FeaturesEmbedding
-from models.train import auc, deterministic, train_torch
+from models.train import auc
 
 # Output columns, in order: the contract of the `multitask` task (docs/MODEL_API.md).
 TASKS = ("like", "love")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(CtrTraining):
     # 16-dim embeddings, as DeepFM: MovieLens fields are low-cardinality except user/item.
     embed_dim: int = 16
     # The paper uses 8 experts on its census tasks; with two tasks FuxiCTR's MMoE default of 4
@@ -43,28 +45,18 @@ class Config:
     # One small hidden layer per task tower (the paper's towers are one layer too).
     tower_hidden: tuple[int, ...] = (32,)
     dropout: float = 0.2
-    # Adam 1e-3 with batch 1024: the standard CTR recipe; early stopping does the real work.
-    lr: float = 1e-3
-    batch_size: int = 1024
-    epochs: int = 10
-    patience: int = 2
-    # L2 on the embedding rows a batch touches (FuxiCTR's embedding_regularizer).
-    embedding_reg: float = 1e-5
-    # Fraction of user/item ids replaced by the unknown bucket (0) while training.
-    unknown_rate: float = 0.05
+    # Training fields (lr, batch_size, epochs, patience, embedding_reg, unknown_rate, seed): CtrTraining.
     # Loss = w_like * BCE(like) + w_love * BCE(love). Equal weights, as in the paper: love is
     # rarer, but AUC is insensitive to the base rate and up-weighting it would only trade
     # like's calibration for love's.
     task_weights: tuple[float, ...] = (1.0, 1.0)
-    seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
         if not self.expert_hidden:
             raise ValueError("expert_hidden must name at least one layer width, e.g. [128, 64]")
-        if not 0 <= self.unknown_rate < 1:
-            raise ValueError(f"unknown_rate must be in [0, 1), got {self.unknown_rate}")
         if len(self.task_weights) != len(TASKS):
             raise ValueError(f"task_weights needs one weight per task {TASKS}, got {self.task_weights}")
         if any(w < 0 for w in self.task_weights) or sum(self.task_weights) <= 0:
@@ -165,29 +157,8 @@ class MMoEModel(TrainedModel):
         )
 
 
-def _mask_ids(sparse: torch.Tensor, columns: list[int], rate: float) -> torch.Tensor:
-    if rate <= 0 or not columns:
-        return sparse
-    sparse = sparse.clone()
-    cols = sparse[:, columns]
-    sparse[:, columns] = torch.where(torch.rand(cols.shape) < rate, torch.zeros_like(cols), cols)
-    return sparse
-
-
-def loss_fn(
-    module: MMoEModule, batch, config: Config, id_columns: tuple[int, ...] | list[int] = ()
-) -> torch.Tensor:
-    """``sum_t w_t * BCE-with-logits(task t)`` (+ L2 on the touched embedding rows);
-    ``batch = (sparse, dense, labels [B, 2])``; ``id_columns`` get unknown-id masking."""
-    sparse, dense, labels = batch
-    sparse = _mask_ids(sparse, list(id_columns), config.unknown_rate)
-    per_task = nn.functional.binary_cross_entropy_with_logits(
-        module(sparse, dense), labels, reduction="none"
-    ).mean(dim=0)
-    loss = (per_task * torch.tensor(config.task_weights, dtype=per_task.dtype)).sum()
-    if config.embedding_reg > 0:
-        loss = loss + config.embedding_reg * module.embedding(sparse).pow(2).sum(dim=(1, 2)).mean()
-    return loss
+# ``sum_t w_t * BCE(task t)`` (+ embedding L2), unknown-id masking: the shared ranking loss.
+loss_fn = ctr.loss_fn
 
 
 def _labels(c) -> np.ndarray:
@@ -201,17 +172,6 @@ def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple
     return tuple(torch.from_numpy(np.ascontiguousarray(a[:rows])) for a in (c.sparse, c.dense, _labels(c)))
 
 
-@torch.no_grad()
-def predict_logits(module: nn.Module, sparse: np.ndarray, dense: np.ndarray, batch: int = 8192) -> np.ndarray:
-    """``[N, 2]`` logits in eval mode."""
-    module.eval()
-    out = [
-        module(torch.from_numpy(sparse[lo : lo + batch]), torch.from_numpy(dense[lo : lo + batch])).numpy()
-        for lo in range(0, len(sparse), batch)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, len(TASKS)), np.float32)
-
-
 def mean_task_auc(logits: np.ndarray, labels: np.ndarray) -> float:
     """Early-stopping metric: the mean AUC over the tasks whose labels hold both classes."""
     tasks = [t for t in range(labels.shape[1]) if len(np.unique(labels[:, t])) == 2]
@@ -222,40 +182,16 @@ def mean_task_auc(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> MMoEModel:
-    fields = list(snapshot.meta["sparse_fields"])
-    card = [int(snapshot.meta["sparse_cardinality"][f]) for f in fields]
-    train, valid = snapshot.ctr("train", max_history=1), snapshot.ctr("valid", max_history=1)
-    if len(train) == 0:
-        raise ValueError(f"{snapshot.path}: empty train split in fct_ctr_samples; mmoe needs train rows")
-    meta = {
-        "cardinalities": card,
-        "sparse_fields": fields,
-        "dense_fields": list(snapshot.meta["dense_fields"]),
-        "tasks": list(TASKS),
-    }
-    id_columns = [c for c, f in enumerate(fields) if f in ("user_idx", "item_idx")]
-    train_y = _labels(train)
-    # Stop on valid when some task there has both classes, else (a tiny split) on train.
-    ev, ev_y = (valid, _labels(valid)) if len(valid) else (train, train_y)
-    if not any(len(np.unique(ev_y[:, t])) == 2 for t in range(len(TASKS))):
-        ev, ev_y = train, train_y
-
-    with deterministic(config.seed):
-        module = MMoEModule(card, len(meta["dense_fields"]), config)
-        history = train_torch(
-            module,
-            lambda m, b: loss_fn(m, b, config, id_columns),
-            (train.sparse, train.dense, train_y),
-            lambda m: mean_task_auc(predict_logits(m, ev.sparse, ev.dense), ev_y),
-            family="mmoe",
-            metric_name="mean_auc",
-            higher_is_better=True,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            optimizer="adam",
-            lr=config.lr,
-            patience=config.patience,
-            seed=config.seed,
-            log=log,
-        )
+    meta = {**ctr_meta(snapshot), "tasks": list(TASKS)}
+    module, history = train_ctr(
+        snapshot,
+        config,
+        lambda: MMoEModule(meta["cardinalities"], len(meta["dense_fields"]), config),
+        meta,
+        "mmoe",
+        log,
+        labels=_labels,
+        metric=mean_task_auc,
+        metric_name="mean_auc",
+    )
     return MMoEModel(config, module, meta, history)
