@@ -69,3 +69,31 @@ FAMILIES: dict[str, Family] = {
     ),
     "emb_knn": _family(emb_knn, emb_knn.EmbKNN, upstream=emb_knn.SOURCES),
 }
+
+
+def select_families(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The families to build, in registry order: ``names`` plus the upstream families they build on.
+
+    ``None`` or empty selects every family. An unknown name raises ``ValueError`` with the
+    closest registered name and the full list.
+    """
+    if not names:
+        return list(FAMILIES)
+    import difflib
+
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        hints = "".join(
+            f" ({n!r}: did you mean {close[0]!r}?)"
+            for n in unknown
+            if (close := difflib.get_close_matches(n, FAMILIES, n=1))
+        )
+        raise ValueError(f"unknown families {unknown}{hints}; known: {', '.join(FAMILIES)}")
+    chosen = set(names)
+    stack = list(names)
+    while stack:
+        for up in FAMILIES[stack.pop()].upstream:
+            if up not in chosen:
+                chosen.add(up)
+                stack.append(up)
+    return [n for n in FAMILIES if n in chosen]

@@ -4,7 +4,7 @@ registry, scheduled nightly and sensed on a landing folder."""
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from models.registry import FAMILIES
+from models.registry import select_families
 from orchestration.assets.contracts import mart_contracts
 from orchestration.assets.families import build_family_assets
 from orchestration.assets.ingest import raw_tables
@@ -12,7 +12,14 @@ from orchestration.assets.training import baseline_metrics, build_leaderboard_as
 from orchestration.assets.transforms import DBT_EXECUTABLE, dbt_project, transforms
 from orchestration.automation import landing_sensor, nightly_refresh, refresh_all
 from orchestration.resources import WarehouseResource
-from orchestration.settings import load_settings
+from orchestration.settings import SettingsError, load_settings
+
+SETTINGS = load_settings()
+try:
+    # RECSYS_FAMILIES=wals,deepfm builds only those chains (plus what they build on)
+    FAMILY_NAMES = select_families(SETTINGS.families)
+except ValueError as exc:
+    raise SettingsError(f"RECSYS_FAMILIES: {exc}") from None
 
 
 def _executor(max_concurrent: int) -> dg.ExecutorDefinition:
@@ -38,8 +45,8 @@ defs = dg.Definitions(
         transforms,
         training_snapshot,
         baseline_metrics,
-        *[asset for name in FAMILIES for asset in build_family_assets(name)],
-        build_leaderboard_asset(list(FAMILIES)),
+        *[asset for name in FAMILY_NAMES for asset in build_family_assets(name)],
+        build_leaderboard_asset(FAMILY_NAMES),
     ],
     asset_checks=[mart_contracts],
     jobs=[refresh_all],
@@ -49,5 +56,5 @@ defs = dg.Definitions(
         "warehouse": WarehouseResource(),
         "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
     },
-    executor=_executor(load_settings().max_concurrent),
+    executor=_executor(SETTINGS.max_concurrent),
 )

@@ -112,6 +112,7 @@ class Settings:
     model_config: Path | None = None
     max_concurrent: int = 1
     bless_tolerance: float = 0.02
+    families: tuple[str, ...] = ()  # empty = every registered family
 
     @property
     def warehouse(self) -> Path:
@@ -191,4 +192,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         else None,
         bless_tolerance=_env_frac(env, "RECSYS_BLESS_TOLERANCE", 0.02),
         max_concurrent=_env_int(env, "RECSYS_MAX_CONCURRENT", 1, 1),
+        families=tuple(f.strip() for f in (env.get("RECSYS_FAMILIES") or "").split(",") if f.strip()),
     )

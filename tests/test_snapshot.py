@@ -45,3 +45,34 @@ def test_model_config_section_for_unknown_family_is_refused(tmp_path, monkeypatc
     monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(bad))
     with pytest.raises(dg.Failure, match=r"\[deep_fm\].*Did you mean \[deepfm\]\?.*known families: .*deepfm"):
         family_configs(load_settings())
+
+
+def test_family_selection_adds_upstream_and_names_typos():
+    from models.registry import FAMILIES, select_families
+
+    assert select_families(None) == list(FAMILIES)
+    chosen = select_families(["emb_knn", "deepfm"])
+    assert {"emb_knn", "deepfm", *FAMILIES["emb_knn"].upstream} == set(chosen)
+    assert chosen == [n for n in FAMILIES if n in chosen]  # registry order
+    with pytest.raises(ValueError, match=r"'deep_fm': did you mean 'deepfm'"):
+        select_families(["deep_fm"])
+
+
+def test_recsys_families_limits_the_asset_graph(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from orchestration.definitions import defs; "
+        "print(sorted(k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()))"
+    )
+    env = {**os.environ, "RECSYS_HOME": str(tmp_path), "RECSYS_FAMILIES": "wals, deepfm"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    keys = eval(done.stdout.strip().splitlines()[-1])
+    models = {k for k in keys if k.startswith("model_")}
+    assert models == {"model_wals", "model_deepfm"} and "leaderboard" in keys
+    env["RECSYS_FAMILIES"] = "wals,nope"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "RECSYS_FAMILIES" in done.stderr and "nope" in done.stderr

@@ -115,9 +115,10 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
 )
 def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
     from export.evaluate import evaluate_baselines
-    from models.registry import FAMILIES
+    from models.registry import FAMILIES, select_families
 
-    tasks = sorted({f.task.value for f in FAMILIES.values()})
+    names = select_families(load_settings().families)
+    tasks = sorted({FAMILIES[n].task.value for n in names})
     result = {task: evaluate_baselines(Path(snapshot), task) for task in tasks}
     return dg.Output(result, metadata={"baselines": dg.MetadataValue.json(result)})
 
