@@ -95,7 +95,7 @@ def bench_family(name: str, model, snapshot, out: Path, args) -> dict:
 
     scorer, spec = model.scorer(), model.export_spec()
     path = export_topk_onnx(scorer, spec, K, out / f"{name}_topk.onnx")
-    wrapped = TopKScorer(scorer, K).eval()
+    wrapped = TopKScorer(scorer, K, spec).eval()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
