@@ -4,15 +4,105 @@ The recipe: write a temp file in the *same* directory (so ``os.replace`` is a re
 filesystem, which POSIX makes atomic), flush and fsync it (so the bytes are on disk before
 the name points at them), ``os.replace`` it over the target, then fsync the directory (so
 the rename itself survives a power cut).
+
+A write that fails because of the machine (disk full, read-only file system, permissions,
+file-size limit) raises :class:`StorageError`: the message names the path, the cause and
+what to do, and says the previous file is unchanged (it is: the temp file is removed and
+the target was never touched).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# errno -> what the person running the pipeline should do about it.
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space on it, or point RECSYS_HOME at a disk with room, and rerun",
+    errno.EDQUOT: "the disk quota is used up: free space, or point RECSYS_HOME elsewhere, and rerun",
+    errno.EROFS: (
+        "the file system is mounted read-only: remount it read-write, or point RECSYS_HOME at a "
+        "writable folder, and rerun"
+    ),
+    errno.EACCES: (
+        "permission denied: give this user write access to the folder, or point RECSYS_HOME at a "
+        "folder it owns, and rerun"
+    ),
+    errno.EPERM: (
+        "the operation is not permitted (an immutable file or folder?): lift the restriction, or "
+        "point RECSYS_HOME elsewhere, and rerun"
+    ),
+    errno.EFBIG: "the file-size limit was reached (ulimit -f): raise it and rerun",
+    errno.ENOTDIR: "a file stands where a folder is needed: move that file away and rerun",
+}
+STORAGE_ERRNOS = frozenset(_ADVICE)
+
+
+class StorageError(OSError):
+    """A write failed because of where it writes (full, read-only, not permitted).
+
+    An ``OSError`` (``errno`` is kept), with a message that names the path and the fix.
+    """
+
+    def __init__(self, message: str, err: int | None, path: Path | str):
+        super().__init__(message)
+        self.errno = err
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def storage_error(exc: OSError, path: Path | str, kept: str = "") -> StorageError:
+    """Explain ``exc`` (an ``OSError`` of a write to ``path``); ``kept`` says what was left intact."""
+    where = exc.filename if exc.filename and str(exc.filename) != str(path) else None
+    target = Path(path)
+    if where and Path(where).parent == target.parent and Path(where).name.startswith(f".{target.name}."):
+        where = None  # our own temp file beside the target: its name would only confuse
+    cause = exc.strerror or str(exc)
+    advice = _ADVICE.get(exc.errno, "check that the folder exists and is writable, and rerun")
+    text = f"Cannot write {path}" + (f" (at {where})" if where else "") + f": {cause}; {advice}."
+    return StorageError(text + (f" {kept}" if kept else ""), exc.errno, path)
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """True for an ``OSError`` caused by the storage (full, read-only, not permitted...)."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
+# How libraries that wrap the OS error in their own exception (DuckDB, Arrow) word it.
+_MESSAGE_ERRNOS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "File too large": errno.EFBIG,
+}
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a storage failure behind ``exc`` (an ``OSError``, or a DuckDB/Arrow error
+    whose message carries the OS's words), else None."""
+    if is_storage_failure(exc):
+        return exc.errno
+    text = str(exc)
+    return next((err for words, err in _MESSAGE_ERRNOS.items() if words in text), None)
+
+
+def wrapped_storage_error(exc: BaseException, path: Path | str, kept: str = "") -> StorageError | None:
+    """:func:`storage_error` for a library's exception that hides a storage failure, else None."""
+    err = storage_errno(exc)
+    if err is None:
+        return None
+    if is_storage_failure(exc):
+        return storage_error(exc, path, kept)
+    base = storage_error(OSError(err, os.strerror(err)), path, kept)
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return StorageError(f"{base} (from {type(exc).__name__}: {first})", err, path)
 
 
 def fsync_dir(path: Path) -> None:
@@ -28,22 +118,34 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically, creating parent folders; returns the path."""
+    """Write ``data`` to ``path`` atomically, creating parent folders; returns the path.
+
+    Raises:
+        StorageError: the disk is full, read-only or not writable; ``path`` is unchanged.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # The temp file is hidden, but a dead one would still pile up: remove it, re-raise.
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_storage_failure(exc):
+            raise storage_error(exc, path, kept=_kept(path)) from exc
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _kept(path: Path) -> str:
+    return f"The previous {path.name} is unchanged." if path.exists() else f"No {path.name} was written."
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.io import atomic_write_json, atomic_write_text, fsync_dir
+from export.io import (
+    StorageError,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    is_storage_failure,
+    storage_error,
+)
 from export.leaderboard import MAIN_METRIC
 
 REQUIRED_FILES = ("model.onnx", "signature.json", "metrics.json", "lineage.json")
@@ -216,6 +223,9 @@ def promote(family: str, source_dir: Path | str, registry_root: Path | str, vers
         FileNotFoundError: a file of ``REQUIRED_FILES`` is missing from ``source_dir``.
         FileExistsError: the version is already in the registry (versions are immutable).
         ValueError: ``family`` or ``version`` is not a safe folder name.
+        StorageError: the registry's disk is full, read-only or not writable; the message
+            names the path and the fix, and the previous version stays current and intact
+            (a partly copied or never-current version folder is removed, so a rerun works).
     """
     _check_name("family", family)
     _check_name("version", version)
@@ -228,9 +238,16 @@ def promote(family: str, source_dir: Path | str, registry_root: Path | str, vers
     if final.exists():
         raise FileExistsError(f"{final} already exists; registry versions are immutable, pick a new version.")
 
-    family_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=family_dir))
+    previous = current_version(family, registry_root)
+    kept = (
+        f"{family_dir / 'CURRENT'} still names {previous}, whose files are untouched."
+        if previous
+        else f"No version of {family} is current yet."
+    )
+    tmp: Path | None = None
     try:
+        family_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=family_dir))
         for src in sorted(p for p in source.rglob("*") if p.is_file()):
             dst = tmp / src.relative_to(source)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +256,26 @@ def promote(family: str, source_dir: Path | str, registry_root: Path | str, vers
         for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
             fsync_dir(folder)
         os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_storage_failure(exc):
+            raise storage_error(exc, final, kept=f"Nothing was promoted; {kept}") from exc
         raise
     fsync_dir(family_dir)
-    atomic_write_text(family_dir / "CURRENT", version + "\n")
+    try:
+        atomic_write_text(family_dir / "CURRENT", version + "\n")
+    except BaseException as exc:
+        # CURRENT still names the previous version. Take the new folder back out, so the
+        # registry holds no version that was never current and a rerun can promote it again.
+        pointer = family_dir / "CURRENT"
+        if not (pointer.is_file() and pointer.read_text().strip() == version):
+            shutil.rmtree(final, ignore_errors=True)
+        if isinstance(exc, StorageError):
+            raise StorageError(
+                f"{exc} {version} was not promoted (its folder was removed); {kept}", exc.errno, exc.path
+            ) from exc
+        raise
     return final
 
 

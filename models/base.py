@@ -72,16 +72,29 @@ WEIGHTS_FILE = "model.pt"
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temp file in the same folder, then ``os.replace``: readers never see half a file.
+
+    A full, read-only or unwritable disk raises ``export.io.StorageError`` naming the path and
+    the fix; the previous file is left as it was.
+    """
+    from export.io import is_storage_failure, storage_error
+
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save wraps the OSError of a full disk in a RuntimeError; look through it.
+        cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError) and is_storage_failure(cause):
+            kept = "The previous file is unchanged." if path.exists() else "Nothing was written there."
+            raise storage_error(cause, path, kept=kept) from exc
         raise
 
 

@@ -21,6 +21,9 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_BLESS_TOLERANCE`` | 0.02 | relative regression allowed against the last blessed version |
 | ``RECSYS_MAX_CONCURRENT`` | 1 | steps run at once: 1 = one process per run (in-process executor) |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
+| ``RECSYS_MAX_LINE_BYTES`` | 1048576 | longest line an input text file may have (longer: ingest stops) |
+| ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a MovieLens zip may unpack to (zip-bomb guard) |
+| ``RECSYS_FILES_ENCODING`` | ``utf-8`` | ``files``: encoding of csv/tsv, ``utf-8`` \\| ``latin-1`` |
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestration.sources.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "transforms"
 
 SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
+ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
+# The input guards' defaults (reasons beside them in orchestration/sources/layouts.py):
+# 1 MiB per text line, 8 GiB unpacked per MovieLens zip.
+DEFAULT_MAX_LINE_BYTES = MAX_LINE_BYTES
+DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
 
 
 class SettingsError(ValueError):
@@ -113,6 +123,9 @@ class Settings:
     max_concurrent: int = 1
     bless_tolerance: float = 0.02
     families: tuple[str, ...] = ()  # empty = every registered family
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_unpack_bytes: int = DEFAULT_MAX_UNPACK_BYTES
+    files_encoding: str = "utf-8"
 
     @property
     def warehouse(self) -> Path:
@@ -193,4 +206,44 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         bless_tolerance=_env_frac(env, "RECSYS_BLESS_TOLERANCE", 0.02),
         max_concurrent=_env_int(env, "RECSYS_MAX_CONCURRENT", 1, 1),
         families=tuple(f.strip() for f in (env.get("RECSYS_FAMILIES") or "").split(",") if f.strip()),
+        max_line_bytes=_env_int(env, "RECSYS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES, 64),
+        max_unpack_bytes=_env_int(env, "RECSYS_MAX_UNPACK_BYTES", DEFAULT_MAX_UNPACK_BYTES, 1),
+        files_encoding=_env_choice(env, "RECSYS_FILES_ENCODING", "utf-8", ENCODINGS),
     )
+
+
+def ensure_writable(folder: Path, variable: str = "RECSYS_HOME") -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any work.
+
+    A read-only mount, a full disk, missing permissions or a file where the folder should be
+    stop the run here with one clear message (naming ``variable``) instead of half-way
+    through, deep inside DuckDB or torch. Nothing already in ``folder`` is touched: the probe
+    is a new hidden file, removed at once.
+
+    Raises:
+        SettingsError: the folder cannot be created or written; the message says why and what to do.
+    """
+    import errno
+    import tempfile
+
+    from export.io import storage_error
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe.", delete=True) as probe:
+            probe.write(b"ok")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except FileExistsError as exc:
+        raise SettingsError(
+            f"{variable}={folder}: {exc.filename or folder} is a file, not a folder; "
+            f"move it away or point {variable} at a folder."
+        ) from None
+    except OSError as exc:
+        if exc.filename and ".write-probe." in str(exc.filename):
+            exc.filename = None  # the probe's name would only confuse
+        if exc.errno == errno.ENOTDIR:
+            exc.strerror = "a file stands where a folder is needed"
+        error = storage_error(exc, folder, kept="Nothing there was changed.")
+        raise SettingsError(f"{variable}={folder} is not writable. {error}") from None
+    return folder

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from export.io import StorageError
 from orchestration.assets.contracts import contract_check_result
 from orchestration.resources import WarehouseResource
-from orchestration.settings import SOURCES, load_settings
+from orchestration.settings import SOURCES, SettingsError, ensure_writable, load_settings
+from orchestration.sources.layouts import SourceError
 from orchestration.sources.plan import build_plan
 
 # Bump when the validation rules or the raw schema change: the UI then marks the raw
@@ -71,7 +73,12 @@ class IngestConfig(dg.Config):
     op_tags=WAREHOUSE_TAGS,
 )
 def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehouse: WarehouseResource):
-    settings = load_settings()
+    try:
+        settings = load_settings()
+        # Before any work: a read-only, full or missing RECSYS_HOME fails here, in one line.
+        ensure_writable(settings.home, "RECSYS_HOME")
+    except SettingsError as exc:
+        raise dg.Failure(description=str(exc)) from None
     source = config.source or settings.source
     if source not in SOURCES:
         raise dg.Failure(f"run config source={source!r} is not one of {', '.join(SOURCES)}.")
@@ -89,6 +96,9 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
                 "n_events": settings.synth_events,
                 "seed": settings.synth_seed,
             },
+            encoding=settings.files_encoding,
+            max_line_bytes=settings.max_line_bytes,
+            max_unpack_bytes=settings.max_unpack_bytes,
         )
         context.log.info(f"ingesting layout {plan.layout} ({'; '.join(plan.notes) or 'no notes'})")
         with warehouse.connect() as con:
@@ -102,6 +112,13 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
                 "SELECT count(DISTINCT user_id), count(DISTINCT item_id), min(ts), max(ts), "
                 "avg(rating) FROM raw.interactions"
             ).fetchone()
+    except (SourceError, StorageError) as exc:
+        # Bad input or a full/read-only disk: the message names the file and the fix, and
+        # the previous raw tables are intact. A Failure shows that message, not a deep stack.
+        raise dg.Failure(
+            description=str(exc),
+            metadata={"source": source, "data_path": str(data_path or ""), "error": type(exc).__name__},
+        ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from export.io import wrapped_storage_error
 from orchestration.sources.layouts import (
     INTERACTION_FIELDS,
     ITEM_FIELDS,
+    MAX_LINE_BYTES,
+    MAX_UNPACKED_BYTES,
     USER_FIELDS,
     SourceError,
     SourcePlan,
@@ -32,9 +35,16 @@ def synthetic_plan(scratch: Path, n_users: int, n_items: int, n_events: int, see
             f"{exc}. Adjust RECSYS_SYNTH_USERS / RECSYS_SYNTH_ITEMS / RECSYS_SYNTH_EVENTS."
         ) from exc
     out = scratch / "synthetic"
-    if out.exists():
-        shutil.rmtree(out)
-    result = generate(config, out)
+    try:
+        if out.exists():
+            shutil.rmtree(out)
+        result = generate(config, out)
+    except Exception as exc:
+        # pyarrow reports a full disk as its own error; name the folder and the fix.
+        storage = wrapped_storage_error(exc, out, kept="The previous raw tables are kept.")
+        if storage is not None:
+            raise storage from exc
+        raise
     return SourcePlan(
         layout="synthetic",
         interactions=_parquet_table("interactions", list(result.interactions), INTERACTION_FIELDS),
@@ -50,13 +60,22 @@ def build_plan(
     scratch: Path,
     column_map: dict[str, str] | None = None,
     synthetic: dict[str, int] | None = None,
+    encoding: str = "utf-8",
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_unpack_bytes: int = MAX_UNPACKED_BYTES,
 ) -> SourcePlan:
+    """The plan of ``source``. ``encoding`` is the ``files`` source's csv/tsv encoding,
+    ``max_line_bytes`` the longest text line accepted, ``max_unpack_bytes`` the zip-bomb
+    guard of a MovieLens archive (RECSYS_FILES_ENCODING, RECSYS_MAX_LINE_BYTES,
+    RECSYS_MAX_UNPACK_BYTES)."""
     if source == "synthetic":
         return synthetic_plan(scratch, **(synthetic or {}))
     if data_path is None:
         raise SourceError(f"source {source!r} needs a data path (RECSYS_DATA_PATH).")
     if source == "movielens":
-        return movielens_plan(data_path, scratch)
+        return movielens_plan(
+            data_path, scratch, max_unpack_bytes=max_unpack_bytes, max_line_bytes=max_line_bytes
+        )
     if source == "files":
-        return files_plan(data_path, column_map)
+        return files_plan(data_path, column_map, encoding=encoding, max_line_bytes=max_line_bytes)
     raise SourceError(f"Unknown source {source!r}: use synthetic, movielens or files.")
