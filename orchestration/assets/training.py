@@ -123,6 +123,37 @@ def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
     return dg.Output(result, metadata={"baselines": dg.MetadataValue.json(result)})
 
 
+def _best_markdown(records: list[dict]) -> str:
+    """One line per task: the best model on the task's main metric beside the popularity
+    baseline (the bar for blessing); short enough for the UI to show inline."""
+    from export.leaderboard import MAIN_METRIC, TASK_ORDER
+
+    lines = ["| task | main metric | best model | value | popularity |", "|---|---|---|---:|---:|"]
+    for task in TASK_ORDER:
+        metric, direction = MAIN_METRIC[task]
+        rows = [r for r in records if r["task"] == task and r["metric"] == metric]
+        models = [r for r in rows if not r["is_baseline"]]
+        if not models:
+            continue
+        pick = min if direction == "min" else max
+        best = pick(models, key=lambda r: float(r["value"]))
+        popularity = [r for r in rows if r["is_baseline"] and r["family_or_baseline"] == "popularity"]
+        bar = f"{float(popularity[0]['value']):.4f}" if popularity else "–"
+        better = "lower" if direction == "min" else "higher"
+        value = f"{float(best['value']):.4f}"
+        lines.append(f"| {task} | {metric} ({better} is better) | {best['model']} | {value} | {bar} |")
+    return "\n".join(lines)
+
+
+def _chart_markdown(png: Path) -> str:
+    """The PNG inlined as a data URI: Dagster's Markdown renderer allows ``data:`` images, so the
+    chart shows in the UI (behind "[Show Markdown]") without a file server."""
+    import base64
+
+    encoded = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f"![leaderboard chart: main metric per task, baselines hatched](data:image/png;base64,{encoded})"
+
+
 def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
     @dg.asset(
         name="leaderboard",
@@ -136,9 +167,11 @@ def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
         code_version="leaderboard-v1",
         owners=["team:recsys-ml"],
         description=(
-            "Every family and baseline on the same split: a table here, a PNG chart and "
-            "`$RECSYS_HOME/reports/leaderboard.json` (one record per model and metric, with "
-            "split and data version)."
+            "Every family and baseline on the same split and data version. Metadata: `best` (each "
+            "task's best model beside the popularity baseline), `chart` (bar chart of each task's "
+            "main metric, also `$RECSYS_HOME/reports/leaderboard.png`), `leaderboard` (every metric "
+            "of every model, best in bold) and `json` (`$RECSYS_HOME/reports/leaderboard.json`, one "
+            "record per model and metric, with split and data version)."
         ),
     )
     def leaderboard(context: dg.AssetExecutionContext, baselines: dict, snapshot: str, **evals):
@@ -154,15 +187,19 @@ def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
         reports = settings.reports_dir
         reports.mkdir(parents=True, exist_ok=True)
         write_leaderboard_json(records, reports / "leaderboard.json")
-        leaderboard_png(records, reports / "leaderboard.png")
+        chart = leaderboard_png(records, reports / "leaderboard.png")
         table = leaderboard_markdown(records)
         context.log.info("\n" + table)
         return dg.Output(
             str(reports / "leaderboard.json"),
             metadata={
+                "best": dg.MetadataValue.md(_best_markdown(records)),
+                "chart": dg.MetadataValue.md(_chart_markdown(Path(chart))),
                 "leaderboard": dg.MetadataValue.md(table),
                 "json": dg.MetadataValue.path(str(reports / "leaderboard.json")),
-                "chart": dg.MetadataValue.path(str(reports / "leaderboard.png")),
+                "chart_png": dg.MetadataValue.path(str(chart)),
+                "split": str(meta.get("split", "?")),
+                "data_version": meta["fingerprint"],
                 "records": len(records),
                 "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
