@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 import dagster as dg
 
-from orchestration.settings import load_settings
+from orchestration.settings import SettingsError, load_settings
 from orchestration.sources.layouts import FILE_SUFFIXES
+
+# When the nightly refresh runs: a cron string in UTC. A deployment moves it without a code
+# change (RECSYS_REFRESH_CRON="30 4 * * *"); tests make it tick every minute.
+DEFAULT_REFRESH_CRON = "0 2 * * *"
+
+
+def refresh_cron(env: dict[str, str] | None = None) -> str:
+    """``RECSYS_REFRESH_CRON`` (default 02:00 UTC daily), checked so a typo fails at load time
+    with the variable's name rather than as a schedule that never ticks."""
+    from dagster._utils.schedules import is_valid_cron_string
+
+    env = os.environ if env is None else env
+    value = (env.get("RECSYS_REFRESH_CRON") or DEFAULT_REFRESH_CRON).strip()
+    if not is_valid_cron_string(value):
+        raise SettingsError(
+            f"RECSYS_REFRESH_CRON={value!r} is not a cron string; give five fields "
+            "(minute hour day-of-month month day-of-week), e.g. '0 2 * * *' for 02:00 UTC daily."
+        )
+    return value
+
 
 refresh_all = dg.define_asset_job(
     "refresh_all",
@@ -21,10 +42,14 @@ refresh_all = dg.define_asset_job(
 nightly_refresh = dg.ScheduleDefinition(
     name="nightly_refresh",
     job=refresh_all,
-    cron_schedule="0 2 * * *",
+    cron_schedule=refresh_cron(),
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Re-ingests the configured source and rebuilds everything downstream at 02:00 UTC.",
+    description=(
+        "Re-ingests the configured source and rebuilds everything downstream (02:00 UTC unless "
+        "RECSYS_REFRESH_CRON says otherwise). Steps whose inputs did not change reuse their "
+        "earlier output (metadata `reused`), so a refresh on unchanged data is cheap."
+    ),
 )
 
 # A file still being copied changes size and mtime; wait until it has been quiet this long.

@@ -3,6 +3,11 @@
 ``recsys run`` materialises the whole asset graph headless through ``dagster asset
 materialize`` against a persistent Dagster instance, so the run is then visible in the UI
 that ``recsys ui`` (``dagster dev``) opens on the same instance.
+
+Both first settle runs whose process died (killed, out of memory, a machine that went
+down): such a run stays "in progress" in the instance forever and keeps its pool slots
+(``duckdb_warehouse``, ``model_training``), so every later run would wait for them. It is
+marked failed with the reason and its slots are freed.
 """
 
 from __future__ import annotations
@@ -13,21 +18,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestration.settings import SettingsError, load_settings
+from orchestration.settings import SettingsError, ensure_writable, load_settings
 
 DAGSTER_YAML = """\
 # Written by `recsys`; edit freely, it is only created when missing.
 telemetry:
   enabled: false
 concurrency:
+  runs:
+    # Runs started by the schedule, the sensor or the UI wait in the queue (the daemon
+    # launches them one at a time): two whole-graph runs on one small machine only compete.
+    max_concurrent_runs: 1
   pools:
-    # duckdb_warehouse: DuckDB allows one writing process per file.
+    # Across runs, also those that bypass the queue (`recsys run`): one step at a time per
+    # pool. duckdb_warehouse: DuckDB allows one writing process per file. model_training:
+    # one training at a time.
     default_limit: 1
+run_monitoring:
+  enabled: true
+  # Slots a finished run still holds are released after this many seconds.
+  free_slots_after_run_end_seconds: 30
 """
+IN_FLIGHT = ("STARTING", "STARTED", "CANCELING")
 
 
 def _dagster_env() -> dict[str, str]:
     settings = load_settings()
+    ensure_writable(settings.home)  # a read-only or full RECSYS_HOME stops here, not mid-run
     env = dict(os.environ)
     home = Path(env.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -39,6 +56,71 @@ def _dagster_env() -> dict[str, str]:
     env.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
     return env
+
+
+def _worker_pid(instance, run_id: str) -> int | None:
+    """The pid of the process executing a run, from its first engine event that records one."""
+    import dagster as dg
+
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        data = entry.dagster_event.event_specific_data if entry.dagster_event else None
+        pid = getattr(data, "metadata", {}).get("pid") if data is not None else None
+        if pid is not None:
+            try:
+                return int(getattr(pid, "value", pid))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _process_alive(pid: int, run_started: float | None) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # a pid reused by a process that started after the run is not the run's worker
+        return run_started is None or process.create_time() <= run_started + 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+def reap_dead_runs(dagster_home: Path) -> list[str]:
+    """Mark in-progress runs whose worker process is gone as failed and free their pool slots.
+
+    Only for the local instance (``DAGSTER_HOME`` on this machine, sqlite storage), where a
+    pid names a process of this machine. Returns the run ids it settled."""
+    import dagster as dg
+    from dagster._core.storage.runs import SqliteRunStorage
+
+    settled = []
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        if not isinstance(instance.run_storage, SqliteRunStorage):
+            return settled
+        statuses = [dg.DagsterRunStatus[name] for name in IN_FLIGHT]
+        for record in instance.get_run_records(filters=dg.RunsFilter(statuses=statuses)):
+            run = record.dagster_run
+            pid = _worker_pid(instance, run.run_id)
+            if pid is None or _process_alive(pid, record.start_time):
+                continue
+            instance.report_run_failed(
+                run,
+                message=(
+                    f"The process running this run (pid {pid}) is gone: it was killed or crashed. "
+                    "`recsys` marked the run failed and freed its pool slots so later runs can "
+                    "start; its partial outputs were never published (registry and warehouse "
+                    "writes are atomic). Rerun it."
+                ),
+            )
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            settled.append(run.run_id)
+    return settled
+
+
+def _settle_dead_runs(env: dict[str, str]) -> None:
+    for run_id in reap_dead_runs(Path(env["DAGSTER_HOME"])):
+        print(f"recsys: run {run_id} had died mid-way; marked it failed and freed its slots", file=sys.stderr)
 
 
 def _dagster(args: list[str], env: dict[str, str]) -> int:
@@ -119,7 +201,13 @@ def _lineage(paths: list[Path]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="materialise every asset headless, then print a summary")
+    run = sub.add_parser("run", help="materialise every asset headless, then print a summary")
+    run.add_argument(
+        "--select",
+        default="*",
+        help="Dagster asset selection (default '*': everything), e.g. 'model_wals*' for one family "
+        "chain from training on",
+    )
     ui = sub.add_parser("ui", help="open the Dagster UI (dagster dev) on the same instance")
     ui.add_argument("--port", default="3000")
     lineage = sub.add_parser(
@@ -134,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"recsys: {exc}", file=sys.stderr)
         return 2
+    _settle_dead_runs(env)
     if args.command == "run":
-        code = _dagster(["asset", "materialize", "--select", "*"], env)
+        code = _dagster(["asset", "materialize", "--select", args.select], env)
         if code == 0:
             _summary(env)
         return code

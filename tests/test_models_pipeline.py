@@ -189,5 +189,11 @@ def test_reevaluation_checks_regression_against_blessed_version(pipeline):
     assert check.metadata["previous_version"].value == before
     assert check.metadata["same_data_as_previous"].value == "True"
     assert any("regress" in r or before in r for r in check.metadata["reasons"].value)
-    after = current_version("mf_sgd", registry)
-    assert after != before and (registry / "mf_sgd" / before).is_dir()  # old version kept
+    # the same model.onnx is not promoted twice: the registry step says so, CURRENT stays
+    materialized = {
+        e.asset_key.to_user_string(): e.step_materialization_data.materialization
+        for e in result.get_asset_materialization_events()
+    }
+    registry_meta = materialized["registry_mf_sgd"].metadata
+    assert registry_meta["promoted"].value is False and "identical" in registry_meta["reason"].value
+    assert current_version("mf_sgd", registry) == before and (registry / "mf_sgd" / before).is_dir()

@@ -203,6 +203,8 @@ def test_model_page_shows_training_curve(ui, page, shots):
     # what it was trained on: the snapshot folder; who owns it, what it is, which group
     expect(_metadata_row(page, "snapshot")).to_contain_text(meta["snapshot"])
     expect(_metadata_row(page, "config")).to_contain_text('"lam"')
+    # where the checkpoint lives (not the IO manager's pickle, which owns the key "path")
+    expect(_metadata_row(page, "checkpoint_dir")).to_contain_text("/artifacts/wals/")
     for text in ("recsys-ml", "PyTorch", "train"):
         expect(page.get_by_text(text, exact=True).first).to_be_visible()
     curve.scroll_into_view_if_needed()

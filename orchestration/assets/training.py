@@ -93,7 +93,7 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
         str(path),
         data_version=dg.DataVersion(meta["fingerprint"]),
         metadata={
-            "path": dg.MetadataValue.path(str(path)),
+            "snapshot_dir": dg.MetadataValue.path(str(path)),
             "n_users": meta["n_users"],
             "n_items": meta["n_items"],
             "split_rows": dg.MetadataValue.json(meta["split_rows"]),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -116,7 +117,38 @@ def transforms(
             )
         yield event
     if not invocation.is_successful():
-        raise invocation.get_error() or dg.Failure("dbt build failed; see the dbt logs above.")
+        error = invocation.get_error() or dg.Failure("dbt build failed; see the dbt logs above.")
+        locked = _lock_conflict(str(error))
+        if locked is not None:
+            failure = dg.Failure(
+                f"dbt could not open the warehouse {settings.warehouse}: another process holds it "
+                f"({locked}). DuckDB allows one writing process per file. If it is a DuckDB shell or "
+                "notebook, close it; if it is another Dagster run, give the `duckdb_warehouse` pool a "
+                "limit of 1 (`concurrency: pools: default_limit: 1` in $DAGSTER_HOME/dagster.yaml, "
+                "as `recsys` writes it). The raw tables and marts are unchanged."
+            )
+            if context.retry_number < LOCK_RETRIES:
+                context.log.warning(f"{failure.description} Retrying in {LOCK_RETRY_SECONDS} s.")
+                raise dg.RetryRequested(
+                    max_retries=LOCK_RETRIES, seconds_to_wait=LOCK_RETRY_SECONDS
+                ) from failure
+            raise failure from error
+        raise error
+
+
+# A lock held by something outside Dagster (a DuckDB shell) is often released soon: wait a
+# little before failing. Runs inside Dagster never collide here when the pool is configured.
+LOCK_RETRIES = 2
+LOCK_RETRY_SECONDS = 15
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in [^\n]*?\(PID \d+\)")
+
+
+def _lock_conflict(text: str) -> str | None:
+    """The holder named by DuckDB's lock error in ``text`` ("... (PID 123)"), else None."""
+    if "Could not set lock on file" not in text:
+        return None
+    holder = _LOCK_HOLDER.search(text)
+    return holder.group(0) if holder else "DuckDB did not say which process"
 
 
 def _row_counts(warehouse: WarehouseResource, events: list) -> dict[str, int]:
