@@ -75,25 +75,37 @@ class CtrModel(TrainedModel):
     task: ClassVar[Task] = Task.CTR
 
     def export_spec(self) -> ExportSpec:
-        g = torch.Generator().manual_seed(0)
-        card = torch.tensor(self.meta["cardinalities"])
-        sparse = (torch.rand(4, len(card), generator=g) * (card - 1)).long() + 1
-        sparse[0] = 0  # every field unknown
-        sparse[1, 0] = 0  # unknown user, known context
-        dense = torch.randn(4, len(self.meta["dense_fields"]), generator=g)
-        return ExportSpec(
-            inputs=(
-                TensorSpec("sparse", "int64", ("batch", len(card))),
-                TensorSpec("dense", "float32", ("batch", len(self.meta["dense_fields"]))),
-            ),
-            outputs=(TensorSpec("logit", "float32", ("batch",)),),
-            example_inputs=(sparse, dense),
-            notes=(
-                f"sparse columns in order {self.meta['sparse_fields']}; dense in order "
-                f"{self.meta['dense_fields']}; 0 or out-of-range ids -> the field's trained unknown "
-                f"bucket; label = label_{self.config.label}; output is a logit (apply sigmoid)"
-            ),
+        return sparse_dense_spec(
+            self.meta,
+            TensorSpec("logit", "float32", ("batch",)),
+            f"label = label_{self.config.label}; output is a logit (apply sigmoid)",
         )
+
+
+def sparse_dense_spec(meta: dict, output: TensorSpec, output_note: str) -> ExportSpec:
+    """The spec of a ``sparse [batch, F]``, ``dense [batch, D]`` scorer with one ``output``.
+
+    The example batch holds a row with every field unknown and one with an unknown user in a
+    known context, so export and parity see the unknown buckets.
+    """
+    g = torch.Generator().manual_seed(0)
+    card = torch.tensor(meta["cardinalities"])
+    sparse = (torch.rand(4, len(card), generator=g) * (card - 1)).long() + 1
+    sparse[0] = 0  # every field unknown
+    sparse[1, 0] = 0  # unknown user, known context
+    dense = torch.randn(4, len(meta["dense_fields"]), generator=g)
+    return ExportSpec(
+        inputs=(
+            TensorSpec("sparse", "int64", ("batch", len(card))),
+            TensorSpec("dense", "float32", ("batch", len(meta["dense_fields"]))),
+        ),
+        outputs=(output,),
+        example_inputs=(sparse, dense),
+        notes=(
+            f"sparse columns in order {meta['sparse_fields']}; dense in order {meta['dense_fields']}; "
+            f"0 or out-of-range ids -> the field's trained unknown bucket; {output_note}"
+        ),
+    )
 
 
 ID_FIELDS = ("user_idx", "item_idx")

@@ -23,7 +23,7 @@ from torch import nn
 
 from models import ctr
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
-from models.ctr import CtrTraining, ctr_meta, train_ctr
+from models.ctr import CtrTraining, ctr_meta, sparse_dense_spec, train_ctr
 from models.data import Snapshot
 from models.layers import MLP, FeaturesEmbedding
 from models.train import auc
@@ -136,24 +136,10 @@ class MMoEModel(TrainedModel):
         return MMoEModule(meta["cardinalities"], len(meta["dense_fields"]), config)
 
     def export_spec(self) -> ExportSpec:
-        g = torch.Generator().manual_seed(0)
-        card = torch.tensor(self.meta["cardinalities"])
-        sparse = (torch.rand(4, len(card), generator=g) * (card - 1)).long() + 1
-        sparse[0] = 0  # every field unknown
-        sparse[1, 0] = 0  # unknown user, known context
-        dense = torch.randn(4, len(self.meta["dense_fields"]), generator=g)
-        return ExportSpec(
-            inputs=(
-                TensorSpec("sparse", "int64", ("batch", len(card))),
-                TensorSpec("dense", "float32", ("batch", len(self.meta["dense_fields"]))),
-            ),
-            outputs=(TensorSpec("logits", "float32", ("batch", len(TASKS))),),
-            example_inputs=(sparse, dense),
-            notes=(
-                f"sparse columns in order {self.meta['sparse_fields']}; dense in order "
-                f"{self.meta['dense_fields']}; 0 or out-of-range ids -> the field's trained unknown "
-                f"bucket; logits columns = {[f'label_{t}' for t in TASKS]} (apply sigmoid)"
-            ),
+        return sparse_dense_spec(
+            self.meta,
+            TensorSpec("logits", "float32", ("batch", len(TASKS))),
+            f"logits columns = {[f'label_{t}' for t in TASKS]} (apply sigmoid)",
         )
 
 
