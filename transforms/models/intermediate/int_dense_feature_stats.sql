@@ -1,4 +1,7 @@
 -- one row: train-only mean and standard deviation of each dense feature (z-score parameters)
+-- Rounded to 9 decimals: a parallel float aggregate differs in its last bits from one build to
+-- the next, which would change every standardised feature, the marts' content hash and the
+-- snapshot's data version on unchanged data.
 
 with
 
@@ -43,7 +46,7 @@ train_rows as (
 
 item_age_mean as (
 
-    select avg({{ dbt.cast('item_age', recsys.type_double()) }}) as item_age_mean
+    select round(avg({{ dbt.cast('item_age', recsys.type_double()) }}), 9) as item_age_mean
     from train_rows
 
 ),
@@ -64,12 +67,12 @@ aggregated as (
 
     select
         {{ dbt.cast('count(*)', dbt.type_bigint()) }} as n_train_rows,
-        avg(user_activity) as user_activity_mean,
-        stddev_pop(user_activity) as user_activity_std,
-        avg(item_popularity) as item_popularity_mean,
-        stddev_pop(item_popularity) as item_popularity_std,
-        avg(item_age) as item_age_mean,
-        stddev_pop(item_age) as item_age_std
+        round(avg(user_activity), 9) as user_activity_mean,
+        round(stddev_pop(user_activity), 9) as user_activity_std,
+        round(avg(item_popularity), 9) as item_popularity_mean,
+        round(stddev_pop(item_popularity), 9) as item_popularity_std,
+        round(avg(item_age), 9) as item_age_mean,
+        round(stddev_pop(item_age), 9) as item_age_std
     from imputed
 
 )
