@@ -60,9 +60,41 @@ def require_marts(con: duckdb.DuckDBPyConnection) -> None:
         )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_dead_temp_folders(root: Path) -> list[Path]:
+    """Remove ``.<fingerprint>.<pid>.tmp`` folders whose writer process is gone (a killed run).
+
+    A live writer's folder is left alone; so is anything not named like a snapshot temp folder.
+    """
+    removed = []
+    if not root.is_dir():
+        return removed
+    for folder in root.glob(".*.tmp"):
+        parts = folder.name.split(".")  # ["", fingerprint, pid, "tmp"]
+        if len(parts) != 4 or not parts[2].isdigit() or not folder.is_dir():
+            continue
+        if not _pid_alive(int(parts[2])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict | None = None) -> Path:
-    """Write ``root/<fingerprint>/`` atomically (temp folder, then rename); reuse it if present."""
+    """Write ``root/<fingerprint>/`` atomically (temp folder, then rename); reuse it if present.
+
+    Temp folders left by a writer that was killed are removed first.
+    """
     require_marts(con)
+    sweep_dead_temp_folders(root)
     fingerprint = marts_fingerprint(con)
     final = root / fingerprint
     if (final / "meta.json").exists():

@@ -76,3 +76,22 @@ def test_recsys_families_limits_the_asset_graph(tmp_path):
     env["RECSYS_FAMILIES"] = "wals,nope"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "RECSYS_FAMILIES" in done.stderr and "nope" in done.stderr
+
+
+def test_temp_folders_of_killed_writers_are_swept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from orchestration.snapshot import sweep_dead_temp_folders
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".abc123.{dead}.tmp"
+    live = tmp_path / f".abc123.{os.getpid()}.tmp"
+    other = tmp_path / ".not-a-snapshot.tmp"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "fct_ratings.parquet").write_bytes(b"half")
+    assert sweep_dead_temp_folders(tmp_path) == [stale]
+    assert not stale.exists() and live.is_dir() and other.is_dir()
