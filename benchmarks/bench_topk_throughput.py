@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_models import prepare  # noqa: E402
+from bench_onnx_latency import interleaved  # noqa: E402
 
 K = 100
 
@@ -73,20 +74,6 @@ def topk_inputs(model, train, users: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return users.astype(np.int64), seen
 
 
-def interleaved(callers: dict, batches: list, calls: int, block: int, warmup: int) -> dict[str, list[float]]:
-    for call in callers.values():
-        for i in range(warmup):
-            call(batches[i % len(batches)])
-    times = {name: [] for name in callers}
-    for start in range(0, calls, block):
-        for name, call in callers.items():
-            for i in range(start, min(start + block, calls)):
-                t = time.perf_counter()
-                call(batches[i % len(batches)])
-                times[name].append(time.perf_counter() - t)
-    return times
-
-
 def bench_family(name: str, model, snapshot, out: Path, args) -> dict:
     import onnxruntime as ort
     import torch
@@ -114,7 +101,10 @@ def bench_family(name: str, model, snapshot, out: Path, args) -> dict:
     diff = float(np.max(np.abs(ort_scores - torch_scores)))
     b1 = [topk_inputs(model, train, rng.choice(active, 1)) for _ in range(64)]
     bn = [topk_inputs(model, train, rng.choice(active, args.batch, replace=False)) for _ in range(4)]
-    callers = {"ort": ort_call, "torch": torch_call}
+    def same_threads():  # both runtimes keep this machine's default thread count
+        return None
+
+    callers = {"ort": (ort_call, same_threads), "torch": (torch_call, same_threads)}
     t1 = interleaved(callers, b1, args.calls1, block=20, warmup=10)
     tn = interleaved(callers, bn, args.calls_batch, block=2, warmup=2)
     return {

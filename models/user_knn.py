@@ -60,20 +60,11 @@ SIMILARITIES = ("cosine", "pearson")
 
 
 # --- configs ------------------------------------------------------------------------------
-def _check_common(c) -> None:
-    if c.k < 1:
-        raise ValueError(f"{c.FAMILY}: k must be >= 1, got {c.k}")
-    if c.shrink < 0:
-        raise ValueError(f"{c.FAMILY}: shrink must be >= 0, got {c.shrink}")
-    if c.similarity not in SIMILARITIES:
-        raise ValueError(f"{c.FAMILY}: similarity must be one of {SIMILARITIES}, got {c.similarity!r}")
-    if c.block_size < 1:
-        raise ValueError(f"{c.FAMILY}: block_size must be >= 1, got {c.block_size}")
-
-
 @dataclass(frozen=True)
-class Config:
-    FAMILY: ClassVar[str] = "user_knn"  # models.config names errors after it
+class NeighbourConfig:
+    """The neighbour fields user_knn and user_knn_topk share; each subclass sets FAMILY."""
+
+    FAMILY: ClassVar[str] = "user_knn"
     # 50 neighbours: the common user-kNN setting on MovieLens (Herlocker et al. 1999 found
     # 20-60 best; Surprise/LensKit use 40-50); more only adds weakly similar users.
     k: int = 50
@@ -85,6 +76,23 @@ class Config:
     # Users per block of the user x user product: peak memory ~ block * n_users * 8 bytes *
     # (3 cosine / 7 pearson) (138k users, 128 -> ~0.4 / 1 GB), independent of n_items.
     block_size: int = 128
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"{self.FAMILY}: k must be >= 1, got {self.k}")
+        if self.shrink < 0:
+            raise ValueError(f"{self.FAMILY}: shrink must be >= 0, got {self.shrink}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"{self.FAMILY}: similarity must be one of {SIMILARITIES}, got {self.similarity!r}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"{self.FAMILY}: block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class Config(NeighbourConfig):
+    FAMILY: ClassVar[str] = "user_knn"  # models.config names errors after it
     # "seed" (mean-centred formula) or "baseline" (kNNBaseline): see the module docstring.
     prediction: str = "seed"
     # Damping of the baseline's item and user biases (pseudo-ratings at the global mean),
@@ -95,7 +103,7 @@ class Config:
     eval_batch: int = 4096
 
     def __post_init__(self):
-        _check_common(self)
+        super().__post_init__()
         if self.prediction not in ("seed", "baseline"):
             raise ValueError(f"user_knn: prediction must be 'seed' or 'baseline', got {self.prediction!r}")
         if self.item_damping < 0 or self.user_damping < 0:
@@ -105,13 +113,8 @@ class Config:
 
 
 @dataclass(frozen=True)
-class TopKConfig:
+class TopKConfig(NeighbourConfig):
     FAMILY: ClassVar[str] = "user_knn_topk"  # models.config names errors after it
-    # As user_knn (see there).
-    k: int = 50
-    shrink: float = 100.0
-    similarity: str = "cosine"
-    block_size: int = 128
     # What a neighbour's row votes with: "binary" (default, docstring) or "centred" ratings.
     values: str = "binary"
     # Train-row cells the graph gathers per user per scatter step: each step reads
@@ -124,7 +127,7 @@ class TopKConfig:
     eval_users: int = 1000
 
     def __post_init__(self):
-        _check_common(self)
+        super().__post_init__()
         if self.values not in ("binary", "centred"):
             raise ValueError(f"user_knn_topk: values must be 'binary' or 'centred', got {self.values!r}")
         if self.gather_budget < 1 or self.eval_users < 1:
