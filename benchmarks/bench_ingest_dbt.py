@@ -35,9 +35,9 @@ SHAPES = {
 INGEST = """
 import sys
 from pathlib import Path
-from orchestration.settings import load_settings
-from orchestration.sources.plan import build_plan
-from orchestration.sources.loader import connect, ingest
+from pipeline.settings import load_settings
+from ingest.plan import build_plan
+from ingest.loader import connect, ingest
 s = load_settings()
 plan = build_plan("synthetic", None, s.scratch_dir / "bench", synthetic=dict(
     n_users=s.synth_users, n_items=s.synth_items, n_events=s.synth_events, seed=s.synth_seed))

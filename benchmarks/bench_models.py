@@ -51,8 +51,8 @@ CAPS: dict[int, dict[str, dict]] = {
 
 SNAPSHOT = """
 import duckdb
-from orchestration.settings import load_settings
-from orchestration.snapshot import write_snapshot
+from pipeline.settings import load_settings
+from pipeline.snapshot import write_snapshot
 s = load_settings()
 con = duckdb.connect(str(s.warehouse), read_only=True)
 path = write_snapshot(con, s.home / "snapshots", {"split": s.split, "history_len": s.history_len})
@@ -64,7 +64,7 @@ FIT = """
 import json, sys, time
 from models.config import parse_config
 from models.data import Snapshot
-from models.registry import FAMILIES
+from models.catalogue import FAMILIES
 family = FAMILIES[sys.argv[1]]
 config = parse_config(family.config_cls, json.loads(sys.argv[3]))
 snapshot = Snapshot(sys.argv[2])

@@ -42,9 +42,9 @@ RUNTIMES = ("ort", "ort-1t", "torch", "torch-1t")
 
 def build_model(family_name: str, snapshot: Path, epochs: int, out: Path):
     from export.onnx_export import export_onnx
+    from models.catalogue import FAMILIES
     from models.config import parse_config
     from models.data import Snapshot
-    from models.registry import FAMILIES
 
     family = FAMILIES[family_name]
     config = parse_config(family.config_cls, {"epochs": epochs})
@@ -155,7 +155,7 @@ def bench_family(name: str, snapshot: Path, args, tmp: Path) -> dict:
 
 
 def main() -> None:
-    from models.registry import FAMILIES
+    from models.catalogue import FAMILIES
 
     ranking = [n for n, f in FAMILIES.items() if f.task.value in ("ctr", "multitask")]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestration.sources.synthetic import SyntheticConfig, generate  # noqa: E402
+from ingest.synthetic import SyntheticConfig, generate  # noqa: E402
 
 
 def main() -> None:

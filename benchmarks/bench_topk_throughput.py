@@ -45,8 +45,8 @@ def _brief(config_cls, epochs: int) -> dict:
 
 
 def fit_family(name: str, snapshot, epochs: int, fitted: dict):
+    from models.catalogue import FAMILIES
     from models.config import parse_config
-    from models.registry import FAMILIES
 
     family = FAMILIES[name]
     config = parse_config(family.config_cls, _brief(family.config_cls, epochs))
@@ -117,7 +117,7 @@ def bench_family(name: str, model, snapshot, out: Path, args) -> dict:
 
 
 def main() -> None:
-    from models.registry import FAMILIES
+    from models.catalogue import FAMILIES
 
     topk = [n for n, f in FAMILIES.items() if f.task.value == "topk"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from export.io import atomic_write_json
+from common.io import atomic_write_json
 from export.runtime import OrtScorer
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx
 
-from export.io import atomic_write_bytes, atomic_write_json
+from common.io import atomic_write_bytes, atomic_write_json
 
 PREFIX = "recsys."
 PACKAGE = "recsys-pipeline"

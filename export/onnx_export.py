@@ -24,7 +24,7 @@ import onnx
 import torch
 from torch.export import Dim
 
-from export.io import atomic_write_json, fsync_dir
+from common.io import atomic_write_json, fsync_dir
 
 # Pinned so a torch upgrade cannot silently change the operator set the serving runtimes must
 # support (torch 2.13 defaults to 20). 18 is torch 2.13's TORCHLIB_OPSET: the lowest opset the

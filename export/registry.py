@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.io import (
+from common.io import (
     StorageError,
     atomic_write_json,
     atomic_write_text,
@@ -39,7 +39,7 @@ from export.io import (
     is_storage_failure,
     storage_error,
 )
-from export.leaderboard import MAIN_METRIC
+from common.metrics import MAIN_METRIC
 
 REQUIRED_FILES = ("model.onnx", "signature.json", "metrics.json", "lineage.json")
 # Relative slack against the last blessed version: nightly retrains on fresh data wobble by

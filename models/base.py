@@ -8,8 +8,6 @@ all of them. Anything needed to rebuild that module's shapes goes into ``meta`` 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -19,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from common.io import atomic_write_with
 from models.config import parse_config
 
 
@@ -71,33 +70,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then ``os.replace``: readers never see half a file.
-
-    A full, read-only or unwritable disk raises ``export.io.StorageError`` naming the path and
-    the fix; the previous file is left as it was.
-    """
-    from export.io import is_storage_failure, storage_error
-
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        # torch.save wraps the OSError of a full disk in a RuntimeError; look through it.
-        cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
-        if isinstance(cause, OSError) and is_storage_failure(cause):
-            kept = "The previous file is unchanged." if path.exists() else "Nothing was written there."
-            raise storage_error(cause, path, kept=kept) from exc
-        raise
-
-
 class TrainedModel(ABC):
     """Base of every family's fitted model. Subclasses set the class attributes and
     implement ``build_module`` (rebuild the empty scorer from config + meta) and ``export_spec``."""
@@ -141,7 +113,7 @@ class TrainedModel(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda fh: torch.save(state, fh))
+        atomic_write_with(directory / WEIGHTS_FILE, lambda fh: torch.save(state, fh))
         doc = {
             "family": self.family,
             "task": self.task.value,
@@ -151,7 +123,7 @@ class TrainedModel(ABC):
         }
         # allow_nan=False: config.json must stay strict JSON for whatever reads it next
         payload = json.dumps(doc, indent=2, default=_json_default, allow_nan=False).encode()
-        _atomic_write(directory / CONFIG_FILE, lambda fh: fh.write(payload))
+        atomic_write_with(directory / CONFIG_FILE, lambda fh: fh.write(payload))
         return directory
 
     @classmethod
@@ -161,23 +133,13 @@ class TrainedModel(ABC):
         if doc.get("family") != cls.family:
             raise ValueError(
                 f"{directory / CONFIG_FILE} holds family {doc.get('family')!r}, not {cls.family!r}; "
-                f"load it through models.registry.FAMILIES[{doc.get('family')!r}].load"
+                f"load it through models.catalogue.FAMILIES[{doc.get('family')!r}].load"
             )
         config = parse_config(cls.config_cls, doc["config"])
         module = cls.build_module(config, doc["meta"])
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         module.load_state_dict(state)
         return cls(config, module, doc["meta"], doc.get("history"))
-
-
-def load_model(directory: Path | str) -> TrainedModel:
-    """Load any saved model: the family named in its config.json picks the loader."""
-    from models.registry import FAMILIES
-
-    family = json.loads((Path(directory) / CONFIG_FILE).read_text())["family"]
-    if family not in FAMILIES:
-        raise ValueError(f"{directory} holds unknown family {family!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[family].load(directory)
 
 
 def _json_default(o):

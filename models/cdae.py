@@ -49,10 +49,11 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.metrics import ranking_metrics
 from models import ncf
 from models.base import TOPK, TOPK_NOTES, ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
-from models.train import deterministic, ranking_metrics, train_torch
+from models.train import deterministic, train_torch
 
 Log = Callable[[str], None]
 

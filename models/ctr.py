@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.metrics import auc
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
-from models.train import auc, deterministic, train_torch
+from models.train import deterministic, train_torch
 
 Log = Callable[[str], None]
 
@@ -137,7 +138,7 @@ def train_ctr(
     *,
     features: Callable = lambda c: (c.sparse, c.dense),
     labels: Callable,
-    metric: Callable[[np.ndarray, np.ndarray], float] = lambda logits, y: auc(logits, y),
+    metric: Callable[[np.ndarray, np.ndarray], float] = lambda logits, y: auc(y, logits),
     metric_name: str = "auc",
     max_history: int = 1,
 ) -> tuple[nn.Module, list[dict]]:

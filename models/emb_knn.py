@@ -35,11 +35,12 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import UserTopKScorer
 from models.neighbours import NeighbourRows
-from models.train import format_row, history_row, ranking_metrics
+from models.train import format_row, history_row
 
 # Families whose TrainedModel has embeddings() in one dot-product space: score = user . item
 # (+ biases). ncf_mlp and NeuMF are left out: their scores come (partly) from an MLP over the

@@ -36,9 +36,10 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
-from models.train import format_row, history_row, rmse
+from models.train import format_row, history_row
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
 
     valid = snapshot.ratings("valid")
     metric = (
-        rmse(predict(model, train, valid.user_idx, valid.item_idx, config.eval_batch), valid.rating)
+        rmse(valid.rating, predict(model, train, valid.user_idx, valid.item_idx, config.eval_batch))
         if len(valid)
         else None
     )

@@ -49,10 +49,11 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import UserTopKScorer
-from models.train import deterministic, format_row, history_row, make_optimizer, ranking_metrics
+from models.train import deterministic, format_row, history_row, make_optimizer
 from models.wals import confidence_weights
 
 UNOBSERVED = ("sampled", "gramian")

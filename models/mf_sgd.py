@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
-from models.train import deterministic, rmse, train_torch
+from models.train import deterministic, train_torch
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
             module,
             lambda m, b: loss_fn(m, b, config),
             (train.user_idx, train.item_idx, train.rating.astype(np.float32)),
-            lambda m: rmse(m(ev_u, ev_i).numpy(), ev_r),
+            lambda m: rmse(ev_r, m(ev_u, ev_i).numpy()),
             family="mf_sgd",
             metric_name="rmse",
             higher_is_better=False,

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.metrics import auc
 from models import ctr
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.ctr import CtrTraining, ctr_meta, sparse_dense_spec, train_ctr
 from models.data import Snapshot
 from models.layers import MLP, FeaturesEmbedding
-from models.train import auc
 
 # Output columns, in order: the contract of the `multitask` task (docs/MODEL_API.md).
 TASKS = ("like", "love")
@@ -161,7 +161,7 @@ def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple
 def mean_task_auc(logits: np.ndarray, labels: np.ndarray) -> float:
     """Early-stopping metric: the mean AUC over the tasks whose labels hold both classes."""
     tasks = [t for t in range(labels.shape[1]) if len(np.unique(labels[:, t])) == 2]
-    aucs = [auc(logits[:, t], labels[:, t]) for t in tasks]
+    aucs = [auc(labels[:, t], logits[:, t]) for t in tasks]
     if not aucs:
         raise ValueError("mmoe: no task has both classes in the evaluation rows; cannot compute AUC")
     return float(np.mean(aucs))

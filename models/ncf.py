@@ -40,10 +40,11 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import MLP, UserTopKScorer
-from models.train import deterministic, history_row, ranking_metrics, train_torch
+from models.train import deterministic, history_row, train_torch
 
 Log = Callable[[str], None]
 

@@ -1,8 +1,8 @@
-"""One plain training loop for torch families, plus the few metrics they stop early on.
+"""One plain training loop for torch families.
 
 No Trainer hierarchy: a family passes its module, a loss closure, numpy arrays and a
-validation closure. ``export/`` has its own evaluation metrics; the ones here only pick
-epochs, so they stay small and dependency-free.
+validation closure. The metrics that pick the best epoch live with every other metric in
+``common/metrics.py``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 Log = Callable[[str], None]
@@ -149,58 +147,3 @@ def train_torch(
     module.eval()
     log(f"[{family}] best valid_{metric_name} {best:.4f}")
     return history
-
-
-# --- metrics ------------------------------------------------------------------------------
-def rmse(pred: np.ndarray, target: np.ndarray) -> float:
-    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    return float(np.sqrt(np.mean((pred - target) ** 2)))
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula; ties get average ranks."""
-    labels = np.asarray(labels) > 0.5
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"AUC needs both classes; got {n_pos} positives and {n_neg} negatives")
-    ranks = rankdata(np.asarray(scores, np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def ranking_metrics(
-    scores: np.ndarray,
-    train: sp.csr_matrix,
-    users: np.ndarray,
-    relevant: sp.csr_matrix,
-    k_ndcg: int = 10,
-    k_recall: int = 20,
-) -> dict[str, float]:
-    """Mean NDCG@k and Recall@k over ``users`` from full-catalogue ``scores [len(users), n_items]``.
-
-    Train items and column 0 are excluded from the ranking; ``relevant`` is users x items
-    (the split's held-out items). Recall@k divides by min(k, |relevant|) so a perfect
-    ranking scores 1.
-    """
-    scores = np.array(scores, dtype=np.float64, copy=True)
-    scores[:, 0] = -np.inf
-    seen = train[users]
-    rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
-    scores[rows, seen.indices] = -np.inf
-    k = max(k_ndcg, k_recall)
-    top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
-    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
-    rel = relevant[users]
-    discounts = 1.0 / np.log2(np.arange(2, k_ndcg + 2))
-    ndcg, recall = [], []
-    for r in range(len(users)):
-        truth = set(rel.indices[rel.indptr[r] : rel.indptr[r + 1]].tolist())
-        if not truth:
-            continue
-        hits = np.array([t in truth for t in top[r]], dtype=np.float64)
-        ideal = discounts[: min(len(truth), k_ndcg)].sum()
-        ndcg.append(float((hits[:k_ndcg] * discounts).sum() / ideal))
-        recall.append(float(hits[:k_recall].sum() / min(len(truth), k_recall)))
-    if not ndcg:
-        raise ValueError("no user with relevant items to rank")
-    return {f"ndcg@{k_ndcg}": float(np.mean(ndcg)), f"recall@{k_recall}": float(np.mean(recall))}

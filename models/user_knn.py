@@ -48,12 +48,13 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.metrics import ranking_metrics, rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.item_knn import centred_matrix
 from models.layers import UserTopKScorer
 from models.neighbours import NeighbourRows
-from models.train import format_row, history_row, ranking_metrics, rmse
+from models.train import format_row, history_row
 
 Log = Callable[[str], None]
 SIMILARITIES = ("cosine", "pearson")
@@ -383,7 +384,7 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> UserKNN:
     model = UserKNN(config, module, meta)
     valid = snapshot.ratings("valid")
     metric = (
-        rmse(predict(model, valid.user_idx, valid.item_idx, config.eval_batch), valid.rating)
+        rmse(valid.rating, predict(model, valid.user_idx, valid.item_idx, config.eval_batch))
         if len(valid)
         else None
     )

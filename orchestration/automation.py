@@ -10,8 +10,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.settings import SettingsError, load_settings
-from orchestration.sources.layouts import FILE_SUFFIXES
+from ingest.layouts import FILE_SUFFIXES
+from pipeline.settings import SettingsError, load_settings
 
 # When the nightly refresh runs: a cron string in UTC. A deployment moves it without a code
 # change (RECSYS_REFRESH_CRON="30 4 * * *"); tests make it tick every minute.

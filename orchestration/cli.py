@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestration.settings import SettingsError, ensure_writable, load_settings
+from pipeline.settings import SettingsError, ensure_writable, load_settings
 
 DAGSTER_YAML = """\
 # Written by `recsys`; edit freely, it is only created when missing.

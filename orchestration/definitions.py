@@ -4,7 +4,7 @@ registry, scheduled nightly and sensed on a landing folder."""
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
-from models.registry import select_families
+from models.catalogue import select_families
 from orchestration.assets.contracts import mart_contracts
 from orchestration.assets.families import build_family_assets
 from orchestration.assets.ingest import raw_tables
@@ -12,7 +12,7 @@ from orchestration.assets.training import baseline_metrics, build_leaderboard_as
 from orchestration.assets.transforms import DBT_EXECUTABLE, dbt_project, transforms
 from orchestration.automation import landing_sensor, nightly_refresh, refresh_all
 from orchestration.resources import WarehouseResource
-from orchestration.settings import SettingsError, load_settings
+from pipeline.settings import SettingsError, load_settings
 
 SETTINGS = load_settings()
 try:

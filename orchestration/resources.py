@@ -9,8 +9,8 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from orchestration.settings import load_settings
-from orchestration.sources.loader import connect
+from ingest.loader import connect
+from pipeline.settings import load_settings
 
 
 class WarehouseResource(dg.ConfigurableResource):

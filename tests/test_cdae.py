@@ -10,17 +10,17 @@ import pytest
 import torch
 from test_models import write_tiny_snapshot
 
-from export.evaluate import evaluate_onnx
-from export.metrics import evaluate_topk, interaction_matrix
+from common.metrics import evaluate_topk, interaction_matrix
+from evaluation.evaluate import evaluate_onnx
+from export.family_export import export_family
 from export.onnx_export import MASKED_SCORE, TopKScorer, topk_spec
 from export.parity import parity_gate, require_parity, standard_cases
-from export.pipeline import export_family
 from export.runtime import OrtScorer
 from models import cdae
 from models.base import TOPK
+from models.catalogue import FAMILIES
 from models.config import parse_config
 from models.data import Snapshot
-from models.registry import FAMILIES
 
 FAST = {"epochs": 20, "eval_users": 40}
 

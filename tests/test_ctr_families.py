@@ -11,13 +11,13 @@ import pytest
 import torch
 from test_models import write_tiny_snapshot
 
+from export.family_export import export_family
 from export.parity import parity_gate
-from export.pipeline import export_family
 from models import dcn, wide_deep
+from models.catalogue import FAMILIES
 from models.config import parse_config
 from models.data import Snapshot
 from models.layers import CrossNetV2, DotInteraction, FeatureCross
-from models.registry import FAMILIES
 
 CTR_FAMILIES = ("wide_deep", "dlrm", "dcn_stacked", "dcn_parallel")
 

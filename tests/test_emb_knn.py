@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_models import write_tiny_snapshot
 
+from export.family_export import export_family
 from export.onnx_export import export_onnx
-from export.pipeline import export_family
 from models import emb_knn
+from models.catalogue import FAMILIES
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
-from models.registry import FAMILIES
 
 
 @pytest.fixture(scope="module")

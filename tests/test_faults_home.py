@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from movielens_fixtures import toy, write_ml1m
 
-from export.io import StorageError, atomic_write_json
+from common.io import StorageError, atomic_write_json
 from export.registry import current_version, load_current_metrics, promote, write_index
-from orchestration.settings import SettingsError, ensure_writable, load_settings
-from orchestration.sources.layouts import movielens_plan
-from orchestration.sources.loader import connect, ingest
+from ingest.layouts import movielens_plan
+from ingest.loader import connect, ingest
+from pipeline.settings import SettingsError, ensure_writable, load_settings
 
 
 class Tmpfs:
@@ -196,10 +196,12 @@ def test_read_only_home_is_a_clear_error_and_keeps_everything(mount_tmpfs, tmp_p
     # 4. A model checkpoint (models.base's atomic write, torch.save inside).
     import torch
 
-    from models.base import _atomic_write
+    from common.io import atomic_write_with
 
     with pytest.raises(StorageError, match=rf"Cannot write {registry}/wals/v1/model\.pt: Read-only"):
-        _atomic_write(registry / "wals" / "v1" / "model.pt", lambda fh: torch.save({"w": torch.ones(3)}, fh))
+        atomic_write_with(
+            registry / "wals" / "v1" / "model.pt", lambda fh: torch.save({"w": torch.ones(3)}, fh)
+        )
 
     # 5. The Dagster ingest asset fails at once with the settings message, not a deep stack.
     import dagster as dg
@@ -280,12 +282,12 @@ def test_full_disk_during_promotion_keeps_current_and_allows_a_retry(mount_tmpfs
         write_index(registry)
     import torch
 
-    from models.base import _atomic_write
+    from common.io import atomic_write_with
 
     # Overwriting an existing file (the checkpoint writer's atomic replace): the old bytes stay.
     target = registry / "wals" / "v1" / "model.onnx"
-    with pytest.raises(StorageError, match=r"model\.onnx: No space left on device.* previous file is unch"):
-        _atomic_write(target, lambda fh: torch.save({"w": torch.ones(9)}, fh))
+    with pytest.raises(StorageError, match=r"model\.onnx: No space left on device.* previous model\.onnx is unch"):
+        atomic_write_with(target, lambda fh: torch.save({"w": torch.ones(9)}, fh))
 
     assert _snapshot(registry) == {**before, "filler": (registry / "filler").read_bytes()}
     _assert_current(registry, "wals", "v1", 1.5)

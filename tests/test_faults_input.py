@@ -21,10 +21,10 @@ import duckdb
 import pytest
 from movielens_fixtures import toy, write_ml1m, write_ml100k, zip_folder
 
-from orchestration.settings import load_settings
-from orchestration.sources.layouts import SourceError, files_plan, movielens_plan
-from orchestration.sources.loader import connect, ingest
-from orchestration.sources.plan import build_plan
+from ingest.layouts import SourceError, files_plan, movielens_plan
+from ingest.loader import connect, ingest
+from ingest.plan import build_plan
+from pipeline.settings import load_settings
 
 HEADER = "user_id,item_id,rating,timestamp\n"
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from movielens_fixtures import toy, write_ml1m, write_ml100k, write_ml_latest, zip_folder
 
-from orchestration.sources.layouts import SourceError, files_plan, movielens_plan
-from orchestration.sources.loader import connect, ingest
+from ingest.layouts import SourceError, files_plan, movielens_plan
+from ingest.loader import connect, ingest
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -248,7 +248,7 @@ def test_files_source_missing_column_names_file_and_fix(tmp_path):
 def test_zip_bomb_guard(tmp_path):
     root = write_ml100k(tmp_path / "ml-100k", toy())
     archive = zip_folder(root, tmp_path / "ml.zip")
-    from orchestration.sources.layouts import unpack_zip
+    from ingest.layouts import unpack_zip
 
     with pytest.raises(SourceError, match="would unpack to"):
         unpack_zip(archive, tmp_path / "out", max_bytes=1000)

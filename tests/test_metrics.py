@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from export import baselines
-from export.metrics import (
+from common.metrics import (
     auc,
     evaluate_ctr,
     evaluate_rating,
@@ -20,6 +19,7 @@ from export.metrics import (
     rank_topk,
     rmse,
 )
+from evaluation import baselines
 
 D = 1.0 / np.log2(np.arange(2, 12))  # DCG discounts of ranks 0..9
 
@@ -318,7 +318,7 @@ def test_topk_and_ctr_baselines():
 
 def test_gauc_is_absent_not_zero_when_no_user_has_both_classes():
     """Leave-last-out gives every user one test row: gAUC is undefined there."""
-    from export.metrics import evaluate_ctr
+    from common.metrics import evaluate_ctr
 
     out = evaluate_ctr(np.array([1, 0, 1, 0]), np.array([0.3, -0.2, 0.9, 0.1]), np.array([1, 2, 3, 4]))
     assert "gauc" not in out and out["gauc_users"] == 0

@@ -12,15 +12,15 @@ import torch
 from test_models import write_tiny_snapshot
 from torch import nn
 
-from export.evaluate import evaluate_baselines, evaluate_onnx, leaderboard_records
-from export.leaderboard import MAIN_METRIC, leaderboard_markdown, leaderboard_png, write_leaderboard_json
-from export.metrics import evaluate_ctr
-from export.pipeline import export_family
+from common.metrics import MAIN_METRIC, evaluate_ctr
+from evaluation.evaluate import evaluate_baselines, evaluate_onnx, leaderboard_records
+from evaluation.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
+from export.family_export import export_family
 from export.registry import bless
 from models import mmoe
+from models.catalogue import FAMILIES
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
-from models.registry import FAMILIES
 
 FAST = {"epochs": 3}
 PER_TASK = [f"{m}_{t}" for t in mmoe.TASKS for m in ("auc", "logloss", "gauc")]

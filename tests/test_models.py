@@ -1,6 +1,6 @@
-"""Zoo-wide tests over models.registry.FAMILIES plus family-specific numerics.
+"""Zoo-wide tests over models.catalogue.FAMILIES plus family-specific numerics.
 
-Every test builds its own tiny snapshot (same parquet layout as orchestration/snapshot.py)
+Every test builds its own tiny snapshot (same parquet layout as pipeline/snapshot.py)
 with planted low-rank structure, so families have something real to learn.
 """
 
@@ -19,13 +19,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from common.metrics import auc, rmse
 from models import cdae, item_knn, wals
-from models.base import Task, load_model
+from models.base import Task
+from models.catalogue import FAMILIES, load_model
 from models.config import parse_config
 from models.data import Snapshot
 from models.layers import FactorizationMachine
-from models.registry import FAMILIES
-from models.train import auc, rmse
 
 SPARSE = (
     "user_idx",
@@ -419,8 +419,8 @@ def test_mf_sgd_beats_the_global_mean(fitted, snapshot):
     model = fitted("mf_sgd")
     te, tr = snapshot.ratings("test"), snapshot.ratings("train")
     pred = model.score(te.user_idx, te.item_idx).numpy()
-    baseline = rmse(np.full(len(te), tr.rating.mean()), te.rating)
-    assert rmse(pred, te.rating) < 0.9 * baseline
+    baseline = rmse(te.rating, np.full(len(te), tr.rating.mean()))
+    assert rmse(te.rating, pred) < 0.9 * baseline
     assert model.module.user.weight[0].abs().sum() == 0 and model.module.item.weight[0].abs().sum() == 0
 
 
@@ -434,7 +434,7 @@ def test_auc_matches_pair_counting():
     rng = np.random.default_rng(0)
     s, y = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.4
     pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
-    assert auc(s, y) == pytest.approx(np.mean(pairs))
+    assert auc(y, s) == pytest.approx(np.mean(pairs))
 
 
 def test_wals_row_solve_is_the_same_for_heavy_rows():

@@ -14,7 +14,7 @@ from conftest import _tool
 
 from export.lineage import read_onnx_lineage
 from export.registry import REQUIRED_FILES, current_version
-from models.registry import FAMILIES
+from models.catalogue import FAMILIES
 
 MAIN = {"rating": "rmse", "topk": "ndcg@10", "ctr": "auc", "multitask": "auc_like"}
 

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 from movielens_fixtures import toy, write_ml1m
 
-from models.registry import FAMILIES
+from models.catalogue import FAMILIES
 
 
 @pytest.mark.slow

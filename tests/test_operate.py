@@ -184,7 +184,7 @@ def _materializations(web, asset: str) -> list[dict]:
 
 def _landing_csv(folder: Path) -> tuple[Path, int]:
     """New interactions from another seed of the embedded generator, as a user's csv file."""
-    from orchestration.sources.synthetic import SyntheticConfig, generate
+    from ingest.synthetic import SyntheticConfig, generate
 
     scratch = folder.parent / "generated_landing"
     out = generate(SyntheticConfig(n_users=300, n_items=400, n_events=20000, seed=7), scratch)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from export.io import atomic_write_json, atomic_write_text
-from export.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
+from common.io import atomic_write_json, atomic_write_text
+from evaluation.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
 from export.registry import (
     REQUIRED_FILES,
     bless,

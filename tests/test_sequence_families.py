@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_models import write_tiny_snapshot
 
-from export.pipeline import export_family
+from export.family_export import export_family
 from models import bst, din
+from models.catalogue import FAMILIES
 from models.data import Snapshot
-from models.registry import FAMILIES
 
 FAMILY_MODULES = {"din": din, "bst": bst}
 

@@ -6,7 +6,7 @@ import duckdb
 import pytest
 
 from models.data import Snapshot, SnapshotError
-from orchestration.snapshot import MissingMartError, write_snapshot
+from pipeline.snapshot import MissingMartError, write_snapshot
 
 
 def test_missing_mart_names_it_and_the_fix(tmp_path):
@@ -28,7 +28,7 @@ def test_incomplete_snapshot_folder_is_refused(tmp_path):
 def test_every_family_has_one_config_entry():
     import tomllib
 
-    from models.registry import FAMILIES
+    from models.catalogue import FAMILIES
     from orchestration.assets.training import FAMILY_CONFIG_FILE
 
     assert set(tomllib.loads(FAMILY_CONFIG_FILE.read_text())) == set(FAMILIES)
@@ -38,7 +38,7 @@ def test_model_config_section_for_unknown_family_is_refused(tmp_path, monkeypatc
     import dagster as dg
 
     from orchestration.assets.training import family_configs
-    from orchestration.settings import load_settings
+    from pipeline.settings import load_settings
 
     bad = tmp_path / "models.toml"
     bad.write_text("[deep_fm]\nepochs = 3\n")
@@ -48,7 +48,7 @@ def test_model_config_section_for_unknown_family_is_refused(tmp_path, monkeypatc
 
 
 def test_family_selection_adds_upstream_and_names_typos():
-    from models.registry import FAMILIES, select_families
+    from models.catalogue import FAMILIES, select_families
 
     assert select_families(None) == list(FAMILIES)
     chosen = select_families(["emb_knn", "deepfm"])
@@ -83,7 +83,7 @@ def test_temp_folders_of_killed_writers_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from orchestration.snapshot import sweep_dead_temp_folders
+    from pipeline.snapshot import sweep_dead_temp_folders
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()  # fmt: skip

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration.sources.synthetic import (
+from ingest.synthetic import (
     AGE_CODES,
     GENRES,
     INTERACTIONS_SCHEMA,

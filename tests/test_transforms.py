@@ -13,9 +13,9 @@ import duckdb
 import pytest
 from movielens_fixtures import toy, write_ml100k, write_ml_latest
 
-from orchestration.settings import DBT_PROJECT_DIR
-from orchestration.sources.layouts import movielens_plan
-from orchestration.sources.loader import connect, ingest
+from ingest.layouts import movielens_plan
+from ingest.loader import connect, ingest
+from pipeline.settings import DBT_PROJECT_DIR
 
 DBT = str(Path(sys.executable).with_name("dbt"))
 

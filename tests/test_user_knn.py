@@ -8,14 +8,14 @@ import scipy.sparse as sp
 import torch
 from test_models import write_tiny_snapshot
 
+from export.family_export import export_family
 from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec
 from export.parity import parity_gate, standard_cases
-from export.pipeline import export_family
 from models import user_knn
+from models.catalogue import FAMILIES
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
 from models.neighbours import NeighbourRows
-from models.registry import FAMILIES
 
 
 def random_ratings(n_users: int, n_items: int, density: float, seed: int) -> np.ndarray:

@@ -4,7 +4,7 @@ import dagster as dg
 import duckdb
 
 from orchestration.resources import WarehouseResource
-from orchestration.settings import Settings, load_settings
+from pipeline.settings import Settings, load_settings
 
 MARTS = ("dim_users", "dim_items", "fct_ratings", "fct_ctr_samples", "user_stats", "item_stats")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import dagster as dg
 
 from orchestration.assets.training import TRAINING_POOL, family_configs, training_snapshot
-from orchestration.settings import REPO_ROOT, load_settings
+from pipeline.settings import REPO_ROOT, load_settings
 
 # Transient failures (a killed worker, a full temp dir that was cleaned) get one more try;
 # a deterministic bug fails the same way twice, which is cheap at this size.
@@ -115,7 +115,7 @@ def snapshot_key(snapshot: str) -> str:
         return f"content:{meta.get('fingerprint') or Path(snapshot).name}"
     inputs = {name: meta.get(name) for name in SNAPSHOT_INPUT_FIELDS}
     inputs["dbt_vars"] = load_settings().dbt_vars(meta.get("split"))
-    inputs["snapshot_code"] = code_digest("orchestration/snapshot.py")
+    inputs["snapshot_code"] = code_digest("pipeline/snapshot.py")
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     return f"inputs:{digest[:16]}"
 
@@ -150,7 +150,7 @@ class StepCache:
         return record
 
     def record(self, key: str, path: Path, run_id: str, extra: Mapping[str, object] | None = None) -> None:
-        from export.io import atomic_write_json
+        from common.io import atomic_write_json
 
         atomic_write_json(
             self.pointer(key),
@@ -250,7 +250,7 @@ class UpstreamModels(Mapping):
 
     def __getitem__(self, family: str):
         if family not in self._loaded:
-            from models.base import load_model
+            from models.catalogue import load_model
 
             self._loaded[family] = load_model(self.dirs[family])
         return self._loaded[family]
@@ -276,7 +276,7 @@ def upstream_input_name(family: str) -> str:
 
 
 def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
-    from models.registry import FAMILIES
+    from models.catalogue import FAMILIES
 
     family = FAMILIES[name]
     task = family.task.value if hasattr(family.task, "value") else str(family.task)
@@ -393,7 +393,7 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
         ),
     )
     def export(context: dg.AssetExecutionContext, model_dir: str, snapshot: str):
-        from export.pipeline import export_family
+        from export.family_export import export_family
 
         settings = load_settings()
         key = reuse_key(
@@ -484,8 +484,8 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
         ),
     )
     def evaluate(context: dg.AssetExecutionContext, onnx_dir: str, snapshot: str, baselines: dict):
-        from export.evaluate import evaluate_onnx
-        from export.io import atomic_write_json
+        from common.io import atomic_write_json
+        from evaluation.evaluate import evaluate_onnx
         from export.registry import bless
 
         settings = load_settings()

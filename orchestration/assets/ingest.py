@@ -5,12 +5,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from export.io import StorageError
+from common.io import StorageError
+from ingest.layouts import SourceError
+from ingest.plan import build_plan
 from orchestration.assets.contracts import contract_check_result
 from orchestration.resources import WarehouseResource
-from orchestration.settings import SOURCES, SettingsError, ensure_writable, load_settings
-from orchestration.sources.layouts import SourceError
-from orchestration.sources.plan import build_plan
+from pipeline.settings import SOURCES, SettingsError, ensure_writable, load_settings
 
 # Bump when the validation rules or the raw schema change: the UI then marks the raw
 # assets, and everything downstream, as stale.
@@ -102,7 +102,7 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
         )
         context.log.info(f"ingesting layout {plan.layout} ({'; '.join(plan.notes) or 'no notes'})")
         with warehouse.connect() as con:
-            from orchestration.sources.loader import ingest
+            from ingest.loader import ingest
 
             report = ingest(con, plan)
             checks = [

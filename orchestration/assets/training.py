@@ -1,6 +1,6 @@
 """Train -> export -> evaluate -> registry, one chain of assets per model family (a factory).
 
-Every family in ``models.registry.FAMILIES`` gets the same four assets:
+Every family in ``models.catalogue.FAMILIES`` gets the same four assets:
 
     model_<family>     train on the mart snapshot (checkpoint under $RECSYS_HOME/artifacts)
     onnx_<family>      model.onnx + signature + lineage; blocking `parity` check
@@ -20,7 +20,7 @@ import dagster as dg
 
 from orchestration.assets.contracts import MARTS
 from orchestration.resources import WarehouseResource
-from orchestration.settings import DBT_PROJECT_DIR, REPO_ROOT, Settings, load_settings
+from pipeline.settings import DBT_PROJECT_DIR, REPO_ROOT, Settings, load_settings
 
 TRAINING_POOL = "model_training"
 FAMILY_CONFIG_FILE = REPO_ROOT / "models" / "families.toml"
@@ -37,7 +37,7 @@ def family_configs(settings: Settings) -> dict[str, dict]:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise dg.Failure(f"model config {path} cannot be read as TOML ({exc}).") from exc
-        from models.registry import FAMILIES
+        from models.catalogue import FAMILIES
 
         for family, values in data.items():
             if family not in FAMILIES:
@@ -75,7 +75,7 @@ def _latest_data_versions(instance: dg.DagsterInstance, keys) -> dict[str, str |
 )
 def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
     from export.lineage import dbt_lineage, file_sha256
-    from orchestration.snapshot import write_snapshot
+    from pipeline.snapshot import write_snapshot
 
     settings = load_settings()
     manifest = DBT_PROJECT_DIR / "target" / "manifest.json"
@@ -114,8 +114,8 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
     ),
 )
 def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
-    from export.evaluate import evaluate_baselines
-    from models.registry import FAMILIES, select_families
+    from evaluation.evaluate import evaluate_baselines
+    from models.catalogue import FAMILIES, select_families
 
     names = select_families(load_settings().families)
     tasks = sorted({FAMILIES[n].task.value for n in names})
@@ -126,7 +126,7 @@ def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
 def _best_markdown(records: list[dict]) -> str:
     """One line per task: the best model on the task's main metric beside the popularity
     baseline (the bar for blessing); short enough for the UI to show inline."""
-    from export.leaderboard import MAIN_METRIC, TASK_ORDER
+    from common.metrics import MAIN_METRIC, TASK_ORDER
 
     lines = ["| task | main metric | best model | value | popularity |", "|---|---|---|---:|---:|"]
     for task in TASK_ORDER:
@@ -175,8 +175,8 @@ def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
         ),
     )
     def leaderboard(context: dg.AssetExecutionContext, baselines: dict, snapshot: str, **evals):
-        from export.evaluate import leaderboard_records
-        from export.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
+        from evaluation.evaluate import leaderboard_records
+        from evaluation.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
 
         settings = load_settings()
         meta = json.loads((Path(snapshot) / "meta.json").read_text())

@@ -19,7 +19,7 @@ from dagster_dbt import (
 )
 
 from orchestration.resources import WarehouseResource
-from orchestration.settings import DBT_PROJECT_DIR, SPLITS, load_settings
+from pipeline.settings import DBT_PROJECT_DIR, SPLITS, load_settings
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 # The dbt installed beside this interpreter, so an unactivated virtualenv works too.

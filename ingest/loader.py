@@ -31,8 +31,8 @@ from pathlib import Path
 
 import duckdb
 
-from export.io import StorageError, is_storage_failure, storage_error, wrapped_storage_error
-from orchestration.sources.layouts import (
+from common.io import StorageError, is_storage_failure, storage_error, wrapped_storage_error
+from ingest.layouts import (
     SourceError,
     SourcePlan,
     TableSource,

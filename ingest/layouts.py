@@ -2,7 +2,7 @@
 
 A :class:`TableSource` says which files hold one raw table, how to split them into fields
 and which SQL expression yields each canonical column. The loader
-(:mod:`orchestration.sources.loader`) turns that into validated DuckDB tables. Keeping the
+(:mod:`ingest.loader`) turns that into validated DuckDB tables. Keeping the
 description declarative means a new layout is a few lines here and the validation rules
 (what gets rejected and why) are written once.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from export.io import is_storage_failure, storage_error
+from common.io import is_storage_failure, storage_error
 
 INTERACTION_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 USER_FIELDS = ("user_id", "gender", "age", "occupation", "zip_code")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from models import (
     wals,
     wide_deep,
 )
-from models.base import Task, TrainedModel
+from models.base import CONFIG_FILE, Task, TrainedModel
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,11 @@ def select_families(names: list[str] | tuple[str, ...] | None) -> list[str]:
                 chosen.add(up)
                 stack.append(up)
     return [n for n in FAMILIES if n in chosen]
+
+
+def load_model(directory: Path | str) -> TrainedModel:
+    """Load any saved model: the family named in its config.json picks the loader."""
+    family = json.loads((Path(directory) / CONFIG_FILE).read_text())["family"]
+    if family not in FAMILIES:
+        raise ValueError(f"{directory} holds unknown family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family].load(directory)

@@ -77,7 +77,7 @@ def export_family(
     asset_code_version: str | None = None,
     run_id: str = "",
 ) -> ExportResult:
-    from models.base import load_model
+    from models.catalogue import load_model
 
     model = load_model(model_dir)
     meta = json.loads((snapshot_dir / "meta.json").read_text())

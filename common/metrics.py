@@ -20,6 +20,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+# The metric that ranks a task and decides blessing: (name, "min" | "max").
+MAIN_METRIC: dict[str, tuple[str, str]] = {
+    "rating": ("rmse", "min"),
+    "topk": ("ndcg@10", "max"),
+    "ctr": ("auc", "max"),
+    "multitask": ("auc_like", "max"),
+}
+TASK_ORDER = ("rating", "topk", "ctr", "multitask")
+
 DEFAULT_KS: tuple[int, ...] = (10, 20)
 # Probabilities are clipped to [eps, 1 - eps] in logloss. 1e-7 rather than float64's 2e-16:
 # float32 sigmoid outputs saturate near 1 - 6e-8, so a tighter clip would make a model's
@@ -446,3 +455,44 @@ def evaluate_topk(
     if sampled_negatives is not None:
         out["sampled_negatives"] = int(sampled_negatives)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Validation during training
+# --------------------------------------------------------------------------------------
+def ranking_metrics(
+    scores: np.ndarray,
+    train: sp.csr_matrix,
+    users: np.ndarray,
+    relevant: sp.csr_matrix,
+    k_ndcg: int = 10,
+    k_recall: int = 20,
+) -> dict[str, float]:
+    """Mean NDCG@k and Recall@k over ``users`` from full-catalogue ``scores [len(users), n_items]``.
+
+    Train items and column 0 are excluded from the ranking; ``relevant`` is users x items
+    (the split's held-out items). Recall@k divides by min(k, |relevant|) so a perfect
+    ranking scores 1.
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    scores[:, 0] = -np.inf
+    seen = train[users]
+    rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
+    scores[rows, seen.indices] = -np.inf
+    k = max(k_ndcg, k_recall)
+    top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+    rel = relevant[users]
+    discounts = 1.0 / np.log2(np.arange(2, k_ndcg + 2))
+    ndcg, recall = [], []
+    for r in range(len(users)):
+        truth = set(rel.indices[rel.indptr[r] : rel.indptr[r + 1]].tolist())
+        if not truth:
+            continue
+        hits = np.array([t in truth for t in top[r]], dtype=np.float64)
+        ideal = discounts[: min(len(truth), k_ndcg)].sum()
+        ndcg.append(float((hits[:k_ndcg] * discounts).sum() / ideal))
+        recall.append(float(hits[:k_recall].sum() / min(len(truth), k_recall)))
+    if not ndcg:
+        raise ValueError("no user with relevant items to rank")
+    return {f"ndcg@{k_ndcg}": float(np.mean(ndcg)), f"recall@{k_recall}": float(np.mean(recall))}

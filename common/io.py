@@ -17,8 +17,9 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # errno -> what the person running the pipeline should do about it.
 _ADVICE = {
@@ -117,11 +118,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically, creating parent folders; returns the path.
+def atomic_write_with(path: Path | str, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(handle)`` on a temp file beside ``path``, then move it over ``path`` atomically.
+
+    For writers that stream into a file handle (``torch.save``); creates parent folders.
 
     Raises:
-        StorageError: the disk is full, read-only or not writable; ``path`` is unchanged.
+        StorageError: the disk is full, read-only or not writable; ``path`` is unchanged. A
+            library that wraps the ``OSError`` in its own exception (torch wraps a full disk
+            in a ``RuntimeError``) is looked through.
     """
     path = Path(path)
     tmp: str | None = None
@@ -129,7 +134,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -137,11 +142,21 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
         # The temp file is hidden, but a dead one would still pile up: remove it, re-raise.
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if is_storage_failure(exc):
-            raise storage_error(exc, path, kept=_kept(path)) from exc
+        cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+        if cause is not None and is_storage_failure(cause):
+            raise storage_error(cause, path, kept=_kept(path)) from exc
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, creating parent folders; returns the path.
+
+    Raises:
+        StorageError: the disk is full, read-only or not writable; ``path`` is unchanged.
+    """
+    return atomic_write_with(path, lambda f: f.write(data))
 
 
 def _kept(path: Path) -> str:

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.sources.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES
+from ingest.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "transforms"
@@ -40,7 +40,7 @@ DBT_PROJECT_DIR = REPO_ROOT / "transforms"
 SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
-# The input guards' defaults (reasons beside them in orchestration/sources/layouts.py):
+# The input guards' defaults (reasons beside them in ingest/layouts.py):
 # 1 MiB per text line, 8 GiB unpacked per MovieLens zip.
 DEFAULT_MAX_LINE_BYTES = MAX_LINE_BYTES
 DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
@@ -226,7 +226,7 @@ def ensure_writable(folder: Path, variable: str = "RECSYS_HOME") -> Path:
     import errno
     import tempfile
 
-    from export.io import storage_error
+    from common.io import storage_error
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

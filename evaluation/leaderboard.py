@@ -17,16 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from export.io import atomic_write_bytes, atomic_write_json
-
-# The metric that ranks a task and decides blessing: (name, "min" | "max").
-MAIN_METRIC: dict[str, tuple[str, str]] = {
-    "rating": ("rmse", "min"),
-    "topk": ("ndcg@10", "max"),
-    "ctr": ("auc", "max"),
-    "multitask": ("auc_like", "max"),
-}
-TASK_ORDER = ("rating", "topk", "ctr", "multitask")
+from common.io import atomic_write_bytes, atomic_write_json
+from common.metrics import MAIN_METRIC, TASK_ORDER
 
 REQUIRED_KEYS = (
     "model",

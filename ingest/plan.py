@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from export.io import wrapped_storage_error
-from orchestration.sources.layouts import (
+from common.io import wrapped_storage_error
+from ingest.layouts import (
     INTERACTION_FIELDS,
     ITEM_FIELDS,
     MAX_LINE_BYTES,
@@ -26,7 +26,7 @@ def _parquet_table(table: str, files: list[Path], fields: tuple[str, ...]) -> Ta
 
 def synthetic_plan(scratch: Path, n_users: int, n_items: int, n_events: int, seed: int) -> SourcePlan:
     """Generate the embedded data set into ``scratch`` and read it like user parquet files."""
-    from orchestration.sources.synthetic import SyntheticConfig, generate
+    from ingest.synthetic import SyntheticConfig, generate
 
     try:
         config = SyntheticConfig(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed)

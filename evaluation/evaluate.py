@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from export import baselines as B
-from export.metrics import evaluate_ctr, evaluate_rating, evaluate_topk, interaction_matrix
+from common.metrics import evaluate_ctr, evaluate_rating, evaluate_topk, interaction_matrix
+from evaluation import baselines as B
 from models.data import Snapshot
 
 BATCH = 1024
