@@ -6,9 +6,10 @@ from dagster_dbt import DbtCliResource
 
 from models.catalogue import select_families
 from orchestration.assets.contracts import mart_contracts
+from orchestration.assets.evaluation import baseline_metrics, build_leaderboard_asset
 from orchestration.assets.families import build_family_assets
 from orchestration.assets.ingest import raw_tables
-from orchestration.assets.training import baseline_metrics, build_leaderboard_asset, training_snapshot
+from orchestration.assets.snapshot import training_snapshot
 from orchestration.assets.transforms import DBT_EXECUTABLE, dbt_project, transforms
 from orchestration.automation import landing_sensor, nightly_refresh, refresh_all
 from orchestration.resources import WarehouseResource

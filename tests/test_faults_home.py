@@ -286,7 +286,8 @@ def test_full_disk_during_promotion_keeps_current_and_allows_a_retry(mount_tmpfs
 
     # Overwriting an existing file (the checkpoint writer's atomic replace): the old bytes stay.
     target = registry / "wals" / "v1" / "model.onnx"
-    with pytest.raises(StorageError, match=r"model\.onnx: No space left on device.* previous model\.onnx is unch"):
+    kept = r"model\.onnx: No space left on device.* previous model\.onnx is unchanged"
+    with pytest.raises(StorageError, match=kept):
         atomic_write_with(target, lambda fh: torch.save({"w": torch.ones(9)}, fh))
 
     assert _snapshot(registry) == {**before, "filler": (registry / "filler").read_bytes()}

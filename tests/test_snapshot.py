@@ -29,21 +29,20 @@ def test_every_family_has_one_config_entry():
     import tomllib
 
     from models.catalogue import FAMILIES
-    from orchestration.assets.training import FAMILY_CONFIG_FILE
+    from pipeline.family_config import FAMILY_CONFIG_FILE
 
     assert set(tomllib.loads(FAMILY_CONFIG_FILE.read_text())) == set(FAMILIES)
 
 
 def test_model_config_section_for_unknown_family_is_refused(tmp_path, monkeypatch):
-    import dagster as dg
-
-    from orchestration.assets.training import family_configs
+    from pipeline.family_config import FamilyConfigError, family_configs
     from pipeline.settings import load_settings
 
     bad = tmp_path / "models.toml"
     bad.write_text("[deep_fm]\nepochs = 3\n")
     monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(bad))
-    with pytest.raises(dg.Failure, match=r"\[deep_fm\].*Did you mean \[deepfm\]\?.*known families: .*deepfm"):
+    hint = r"\[deep_fm\].*Did you mean \[deepfm\]\?.*known families: .*deepfm"
+    with pytest.raises(FamilyConfigError, match=hint):
         family_configs(load_settings())
 
 

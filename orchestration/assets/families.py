@@ -30,11 +30,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.assets.training import TRAINING_POOL, family_configs, training_snapshot
+from orchestration.assets.snapshot import training_snapshot
+from pipeline.family_config import family_configs
 from pipeline.settings import REPO_ROOT, load_settings
 
 # Transient failures (a killed worker, a full temp dir that was cleaned) get one more try;
 # a deterministic bug fails the same way twice, which is cheap at this size.
+TRAINING_POOL = "model_training"
 RETRY = dg.RetryPolicy(max_retries=1, delay=5)
 
 
@@ -319,7 +321,7 @@ def build_family_assets(name: str) -> list[dg.AssetsDefinition]:
         settings = load_settings()
         try:
             config = parse_config(family.config_cls, family_configs(settings).get(name, {}))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:  # FamilyConfigError is a ValueError
             raise dg.Failure(f"model config for {name}: {exc}") from exc
         key = reuse_key(
             "model",

@@ -1,105 +1,13 @@
-"""Train -> export -> evaluate -> registry, one chain of assets per model family (a factory).
+"""The baselines every model is measured against, and the leaderboard of all of them."""
 
-Every family in ``models.catalogue.FAMILIES`` gets the same four assets:
-
-    model_<family>     train on the mart snapshot (checkpoint under $RECSYS_HOME/artifacts)
-    onnx_<family>      model.onnx + signature + lineage; blocking `parity` check
-    eval_<family>      onnxruntime-only evaluation on test; blocking `blessing` check
-    registry_<family>  atomic promotion into $RECSYS_HOME/registry/<family>/<version>/
-
-so adding a family is one file in models/, one registry line and one config entry.
-"""
-
-import difflib
 import json
 import time
-import tomllib
 from pathlib import Path
 
 import dagster as dg
 
-from orchestration.assets.contracts import MARTS
-from orchestration.resources import WarehouseResource
-from pipeline.settings import DBT_PROJECT_DIR, REPO_ROOT, Settings, load_settings
-
-TRAINING_POOL = "model_training"
-FAMILY_CONFIG_FILE = REPO_ROOT / "models" / "families.toml"
-RAW_ASSETS = ("raw_interactions", "raw_users", "raw_items")
-
-
-def family_configs(settings: Settings) -> dict[str, dict]:
-    """Per-family hyper-parameter overrides: models/families.toml, then RECSYS_MODEL_CONFIG."""
-    merged: dict[str, dict] = {}
-    for path in (FAMILY_CONFIG_FILE, settings.model_config):
-        if path is None:
-            continue
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise dg.Failure(f"model config {path} cannot be read as TOML ({exc}).") from exc
-        from models.catalogue import FAMILIES
-
-        for family, values in data.items():
-            if family not in FAMILIES:
-                close = difflib.get_close_matches(family, FAMILIES, n=1)
-                hint = f" Did you mean [{close[0]}]?" if close else ""
-                raise dg.Failure(
-                    f"model config {path} has a section [{family}], which is not a family;{hint} "
-                    f"known families: {', '.join(sorted(FAMILIES))}."
-                )
-            merged.setdefault(family, {}).update(values)
-    return merged
-
-
-def _latest_data_versions(instance: dg.DagsterInstance, keys) -> dict[str, str | None]:
-    versions = {}
-    for key in keys:
-        record = instance.get_latest_data_version_record(dg.AssetKey(key))
-        versions[key] = record.asset_materialization.tags.get("dagster/data_version") if record else None
-    return versions
-
-
-@dg.asset(
-    group_name="train",
-    deps=[dg.AssetKey(m) for m in MARTS],
-    kinds={"duckdb", "parquet"},
-    code_version="snapshot-v1",
-    pool="duckdb_warehouse",
-    op_tags={"recsys/warehouse": "duckdb"},
-    owners=["team:recsys-ml"],
-    description=(
-        "The marts frozen into parquet + meta.json under `$RECSYS_HOME/snapshots/<fingerprint>/`: "
-        "every family trains and is evaluated on exactly these rows, without holding the "
-        "DuckDB file. Data version = content hash of the marts."
-    ),
-)
-def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-    from export.lineage import dbt_lineage, file_sha256
-    from pipeline.snapshot import write_snapshot
-
-    settings = load_settings()
-    manifest = DBT_PROJECT_DIR / "target" / "manifest.json"
-    extra = {
-        "split": settings.split,
-        "history_len": settings.history_len,
-        "dbt_manifest_sha256": file_sha256(manifest) if manifest.exists() else None,
-        "dbt_models": dbt_lineage(manifest, MARTS),
-        "upstream": _latest_data_versions(context.instance, RAW_ASSETS + MARTS),
-    }
-    with warehouse.connect(read_only=True) as con:
-        path = write_snapshot(con, settings.home / "snapshots", extra)
-    meta = json.loads((path / "meta.json").read_text())
-    return dg.Output(
-        str(path),
-        data_version=dg.DataVersion(meta["fingerprint"]),
-        metadata={
-            "snapshot_dir": dg.MetadataValue.path(str(path)),
-            "n_users": meta["n_users"],
-            "n_items": meta["n_items"],
-            "split_rows": dg.MetadataValue.json(meta["split_rows"]),
-            "split": str(meta.get("split")),
-        },
-    )
+from orchestration.assets.snapshot import training_snapshot
+from pipeline.settings import load_settings
 
 
 @dg.asset(
