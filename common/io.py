@@ -13,11 +13,14 @@ the target was never touched).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -175,3 +178,50 @@ def atomic_write_json(path: Path | str, obj: Any) -> Path:
     so a NaN metric fails here, loudly, instead of in the serving team's reader.
     """
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+# Locks this thread holds, by path: a holder that calls a function which takes the same lock
+# again (promote_blessed -> promote) must not wait for itself. Another thread or process opens
+# the file anew, and flock() then makes it wait, as it should.
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path | str, on_wait: Callable[[str], object] | None = None) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock``) on ``path`` for the ``with`` block.
+
+    The kernel releases it when the holder exits, killed or not, so a dead process never
+    blocks the next one. Re-entrant within one thread. ``on_wait`` is told (once) when another
+    holder has the lock and this one waits for it.
+    """
+    lock_path = Path(path)
+    key = str(lock_path.resolve())
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        if not is_storage_failure(exc):
+            raise
+        if not lock_path.is_file():
+            # Nothing can be written beside it either (read-only or not ours): the caller's
+            # own write fails with a clear StorageError, and there is no writer to exclude.
+            yield
+            return
+        handle = open(lock_path)  # noqa: SIM115 (flock works on a read-only descriptor too)
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(f"waiting for {lock_path}: another run holds it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(handle, fcntl.LOCK_UN)

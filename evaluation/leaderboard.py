@@ -12,8 +12,10 @@ by that triple; within a group a ``model`` appears once per metric.
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +197,91 @@ def leaderboard_png(records: Iterable[Record], path: Path | str, tasks: Sequence
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def leaderboard_records(
+    evaluations: list[dict], baselines: dict, split: str, data_version: str
+) -> list[dict]:
+    """One record per (model or baseline, metric); baselines once per task."""
+    records = []
+    tasks = set()
+    for ev in evaluations:
+        tasks.add(ev["task"])
+        for metric, value in ev["metrics"].items():
+            records.append(
+                {
+                    "model": ev["family"],
+                    "family_or_baseline": ev["family"],
+                    "task": ev["task"],
+                    "metric": metric,
+                    "value": float(value),
+                    "split": split,
+                    "data_version": data_version,
+                    "version": None,
+                    "is_baseline": False,
+                }  # fmt: skip
+            )
+    for task in sorted(tasks):
+        for name, metrics in baselines.get(task, {}).items():
+            for metric, value in metrics.items():
+                records.append(
+                    {
+                        "model": f"baseline:{name}",
+                        "family_or_baseline": name,
+                        "task": task,
+                        "metric": metric,
+                        "value": float(value),
+                        "split": split,
+                        "data_version": data_version,
+                        "version": None,
+                        "is_baseline": True,
+                    }  # fmt: skip
+                )
+    return records
+
+
+def best_markdown(records: list[dict]) -> str:
+    """One line per task: the best model on the task's main metric beside the popularity
+    baseline (the bar for blessing); short enough for the UI to show inline."""
+    lines = ["| task | main metric | best model | value | popularity |", "|---|---|---|---:|---:|"]
+    for task in TASK_ORDER:
+        metric, direction = MAIN_METRIC[task]
+        rows = [r for r in records if r["task"] == task and r["metric"] == metric]
+        models = [r for r in rows if not r["is_baseline"]]
+        if not models:
+            continue
+        pick = min if direction == "min" else max
+        best = pick(models, key=lambda r: float(r["value"]))
+        popularity = [r for r in rows if r["is_baseline"] and r["family_or_baseline"] == "popularity"]
+        bar = f"{float(popularity[0]['value']):.4f}" if popularity else "–"
+        better = "lower" if direction == "min" else "higher"
+        value = f"{float(best['value']):.4f}"
+        lines.append(f"| {task} | {metric} ({better} is better) | {best['model']} | {value} | {bar} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Published:
+    """The leaderboard of one run, written to ``reports_dir``."""
+
+    records: list[Record]
+    json_path: Path
+    png_path: Path
+    markdown: str
+    split: str
+    data_version: str
+
+
+def publish_leaderboard(
+    evaluations: list[dict], baselines: dict, snapshot_dir: Path | str, reports_dir: Path | str
+) -> Published:
+    """Every evaluated family and every baseline on the snapshot's split and data version:
+    ``leaderboard.json`` and ``leaderboard.png`` in ``reports_dir`` (each written atomically)."""
+    meta = json.loads((Path(snapshot_dir) / "meta.json").read_text())
+    split, data_version = str(meta.get("split", "?")), meta["fingerprint"]
+    records = leaderboard_records(evaluations, baselines, split=split, data_version=data_version)
+    reports = Path(reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    json_path = write_leaderboard_json(records, reports / "leaderboard.json")
+    png_path = leaderboard_png(records, reports / "leaderboard.png")
+    return Published(records, json_path, Path(png_path), leaderboard_markdown(records), split, data_version)

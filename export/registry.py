@@ -11,7 +11,9 @@ Visibility is all-or-nothing: a version folder is assembled under a hidden temp 
 (``.<version>.<random>.tmp``), fsynced, and renamed into place; ``CURRENT`` and
 ``index.json`` are replaced atomically. A crash leaves at most a hidden temp folder, which
 no reader lists. The registry assumes one writer per family at a time (one Dagster asset
-per family), as two writers racing for the *same* new version are not arbitrated.
+per family); every write (``promote``, ``write_index``, ``promote_blessed``) holds the
+registry lock (``<registry_root>/.lock``, an OS lock the kernel releases if the process dies),
+so two runs never write the registry at the same time, whoever calls these functions.
 
 ``metrics.json`` is read as either a flat ``{metric: value}`` dict or
 ``{"metrics": {metric: value}, "data_version": ..., ...}``; its ``data_version`` (else
@@ -27,7 +29,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +39,19 @@ from common.io import (
     StorageError,
     atomic_write_json,
     atomic_write_text,
+    exclusive_lock,
     fsync_dir,
     is_storage_failure,
     storage_error,
 )
 from common.metrics import MAIN_METRIC
+from export.lineage import file_sha256
 
 REQUIRED_FILES = ("model.onnx", "signature.json", "metrics.json", "lineage.json")
 # Relative slack against the last blessed version: nightly retrains on fresh data wobble by
 # a percent or so; 2% lets that pass and still stops a real regression.
 DEFAULT_TOLERANCE = 0.02
+LOCK_FILE = ".lock"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -227,9 +234,13 @@ def promote(family: str, source_dir: Path | str, registry_root: Path | str, vers
             names the path and the fix, and the previous version stays current and intact
             (a partly copied or never-current version folder is removed, so a rerun works).
     """
+    with registry_lock(registry_root):
+        return _promote(family, Path(source_dir), Path(registry_root), version)
+
+
+def _promote(family: str, source: Path, registry_root: Path, version: str) -> Path:
     _check_name("family", family)
     _check_name("version", version)
-    source = Path(source_dir)
     missing = [f for f in REQUIRED_FILES if not (source / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{source} lacks {missing}; export and evaluate {family} before promoting.")
@@ -290,7 +301,11 @@ def write_index(registry_root: Path | str) -> Path:
     """Write ``<root>/index.json`` atomically: for each family with a ``CURRENT``, its
     version, path (relative to the root), files, signature, metrics (as stored) and
     lineage summary. Families are sorted; hidden folders are ignored."""
-    root = Path(registry_root)
+    with registry_lock(registry_root):
+        return _write_index(Path(registry_root))
+
+
+def _write_index(root: Path) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist; promote a model before writing the index.")
     families: dict[str, Any] = {}
@@ -308,3 +323,73 @@ def write_index(registry_root: Path | str) -> Path:
             "lineage": _lineage_summary(_read_json(vdir / "lineage.json")),
         }
     return atomic_write_json(root / "index.json", {"families": families})
+
+
+def registry_lock(registry_root: Path | str, on_wait: Callable[[str], object] | None = None):
+    """The registry's exclusive lock (``<registry_root>/.lock``; re-entrant in one thread)."""
+    return exclusive_lock(Path(registry_root) / LOCK_FILE, on_wait)
+
+
+def sweep_dead_promotions(family_dir: Path) -> list[str]:
+    """Remove hidden ``.*.tmp`` leftovers of promotions whose process died (killed mid-copy).
+    Called under :func:`registry_lock`, so no live promotion owns them."""
+    removed = []
+    if not family_dir.is_dir():
+        return removed
+    for path in family_dir.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What :func:`promote_blessed` did: ``promoted`` is False when the model was already current."""
+
+    promoted: bool
+    version: str
+    version_dir: Path
+    previous_version: str | None
+    model_sha256: str
+    note: str
+    swept: list[str] = field(default_factory=list)
+
+
+def promote_blessed(
+    family: str,
+    onnx_dir: Path | str,
+    metrics_path: Path | str,
+    registry_root: Path | str,
+    staging_dir: Path | str,
+    on_wait: Callable[[str], object] | None = None,
+) -> Promotion:
+    """Promote an evaluated export folder (plus its ``metrics.json``) as a new version of
+    ``family``, under the registry lock. The version is ``<UTC stamp>-<model sha256[:8]>``.
+
+    Idempotent: a ``model.onnx`` identical to the current version's is not promoted again (a
+    re-run on unchanged inputs); a second version holding identical bytes would only add noise.
+    Leftovers of promotions killed mid-copy are removed first. ``staging_dir`` is where the
+    release is assembled (replaced if present) before :func:`promote` copies it in.
+    """
+    root = Path(registry_root)
+    onnx_dir = Path(onnx_dir)
+    digest = file_sha256(onnx_dir / "model.onnx")
+    with registry_lock(root, on_wait):
+        swept = sweep_dead_promotions(root / family)
+        current = current_version(family, root)
+        if current is not None and file_sha256(root / family / current / "model.onnx") == digest:
+            note = f"model.onnx is identical to current version {current}: nothing promoted"
+            return Promotion(False, current, root / family / current, current, digest, note, swept)
+        staging = Path(staging_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(onnx_dir, staging)
+        shutil.copy2(metrics_path, staging / "metrics.json")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        version_dir = promote(family, staging, root, f"{stamp}-{digest[:8]}")
+        write_index(root)
+    note = f"promoted {version_dir.name}" + (f" over {current}" if current else " (first version)")
+    return Promotion(True, version_dir.name, version_dir, current, digest, note, swept)

@@ -1,11 +1,14 @@
 """The baselines every model is measured against, and the leaderboard of all of them."""
 
-import json
 import time
 from pathlib import Path
 
 import dagster as dg
 
+from evaluation.evaluate import evaluate_baselines
+from evaluation.leaderboard import best_markdown, publish_leaderboard
+from models.catalogue import FAMILIES, select_families
+from orchestration.assets.metadata import chart_markdown
 from orchestration.assets.snapshot import training_snapshot
 from pipeline.settings import load_settings
 
@@ -22,44 +25,10 @@ from pipeline.settings import load_settings
     ),
 )
 def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
-    from evaluation.evaluate import evaluate_baselines
-    from models.catalogue import FAMILIES, select_families
-
     names = select_families(load_settings().families)
     tasks = sorted({FAMILIES[n].task.value for n in names})
     result = {task: evaluate_baselines(Path(snapshot), task) for task in tasks}
     return dg.Output(result, metadata={"baselines": dg.MetadataValue.json(result)})
-
-
-def _best_markdown(records: list[dict]) -> str:
-    """One line per task: the best model on the task's main metric beside the popularity
-    baseline (the bar for blessing); short enough for the UI to show inline."""
-    from common.metrics import MAIN_METRIC, TASK_ORDER
-
-    lines = ["| task | main metric | best model | value | popularity |", "|---|---|---|---:|---:|"]
-    for task in TASK_ORDER:
-        metric, direction = MAIN_METRIC[task]
-        rows = [r for r in records if r["task"] == task and r["metric"] == metric]
-        models = [r for r in rows if not r["is_baseline"]]
-        if not models:
-            continue
-        pick = min if direction == "min" else max
-        best = pick(models, key=lambda r: float(r["value"]))
-        popularity = [r for r in rows if r["is_baseline"] and r["family_or_baseline"] == "popularity"]
-        bar = f"{float(popularity[0]['value']):.4f}" if popularity else "–"
-        better = "lower" if direction == "min" else "higher"
-        value = f"{float(best['value']):.4f}"
-        lines.append(f"| {task} | {metric} ({better} is better) | {best['model']} | {value} | {bar} |")
-    return "\n".join(lines)
-
-
-def _chart_markdown(png: Path) -> str:
-    """The PNG inlined as a data URI: Dagster's Markdown renderer allows ``data:`` images, so the
-    chart shows in the UI (behind "[Show Markdown]") without a file server."""
-    import base64
-
-    encoded = base64.b64encode(png.read_bytes()).decode("ascii")
-    return f"![leaderboard chart: main metric per task, baselines hatched](data:image/png;base64,{encoded})"
 
 
 def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
@@ -83,32 +52,19 @@ def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
         ),
     )
     def leaderboard(context: dg.AssetExecutionContext, baselines: dict, snapshot: str, **evals):
-        from evaluation.evaluate import leaderboard_records
-        from evaluation.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
-
-        settings = load_settings()
-        meta = json.loads((Path(snapshot) / "meta.json").read_text())
-        records = leaderboard_records(
-            [e for e in evals.values()], baselines, split=meta.get("split", "?"),
-            data_version=meta["fingerprint"],
-        )  # fmt: skip
-        reports = settings.reports_dir
-        reports.mkdir(parents=True, exist_ok=True)
-        write_leaderboard_json(records, reports / "leaderboard.json")
-        chart = leaderboard_png(records, reports / "leaderboard.png")
-        table = leaderboard_markdown(records)
-        context.log.info("\n" + table)
+        board = publish_leaderboard(list(evals.values()), baselines, snapshot, load_settings().reports_dir)
+        context.log.info("\n" + board.markdown)
         return dg.Output(
-            str(reports / "leaderboard.json"),
+            str(board.json_path),
             metadata={
-                "best": dg.MetadataValue.md(_best_markdown(records)),
-                "chart": dg.MetadataValue.md(_chart_markdown(Path(chart))),
-                "leaderboard": dg.MetadataValue.md(table),
-                "json": dg.MetadataValue.path(str(reports / "leaderboard.json")),
-                "chart_png": dg.MetadataValue.path(str(chart)),
-                "split": str(meta.get("split", "?")),
-                "data_version": meta["fingerprint"],
-                "records": len(records),
+                "best": dg.MetadataValue.md(best_markdown(board.records)),
+                "chart": dg.MetadataValue.md(chart_markdown(board.png_path)),
+                "leaderboard": dg.MetadataValue.md(board.markdown),
+                "json": dg.MetadataValue.path(str(board.json_path)),
+                "chart_png": dg.MetadataValue.path(str(board.png_path)),
+                "split": board.split,
+                "data_version": board.data_version,
+                "records": len(board.records),
                 "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )

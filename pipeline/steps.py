@@ -1,0 +1,254 @@
+"""One family's chain as plain functions: train, export, evaluate, promote.
+
+Each ``model_<family>``, ``onnx_<family>``, ``eval_<family>`` and ``registry_<family>`` asset
+calls one of these and only turns the result into Dagster outputs and metadata, so the
+logic (the reuse cache, blessing, promotion under the registry lock) runs and is tested
+without Dagster. ``log`` is anything with ``info`` and ``warning`` (Dagster's context.log, a
+``logging.Logger``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from common.io import atomic_write_json
+from evaluation.evaluate import evaluate_onnx
+from export.family_export import export_family
+from export.registry import Blessing, Promotion, bless, promote_blessed
+from models.base import CONFIG_FILE, WEIGHTS_FILE
+from models.catalogue import Family, load_model
+from models.config import parse_config
+from models.data import Snapshot
+from pipeline.family_config import family_configs
+from pipeline.reuse import StepCache, code_digest, model_key_parts, package_versions, reuse_key, snapshot_key
+from pipeline.settings import Settings
+
+ONNX_FILES = ("model.onnx", "signature.json", "lineage.json")
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """The reuse key of a step and, when an earlier run's output was reused, its pointer."""
+
+    key: str
+    record: dict | None
+
+    @property
+    def reused(self) -> bool:
+        return self.record is not None
+
+    def note(self, stage: str) -> str:
+        if self.record is None:
+            why = "new data, config or code, or a first run"
+            return f"Computed: no earlier {stage} has reuse key {self.key} ({why})."
+        return (
+            f"Reused the {stage} that run {self.record['run_id']} wrote for reuse key {self.key} (same "
+            f"snapshot inputs, config, code and libraries): nothing recomputed. Folder: {self.record['path']}"
+        )
+
+
+def jsonable(config: Any) -> dict:
+    """A config dataclass (or mapping) as plain JSON values."""
+    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else dict(config), default=str))
+
+
+class UpstreamModels(Mapping):
+    """The upstream models a family may build on, loaded only when ``fit`` asks for one.
+
+    ``dirs`` maps family name -> saved model dir (the ``model_<family>`` asset values). A
+    family declares every candidate (``Family.upstream``) but its config picks which it uses
+    (emb_knn: ``source``); loading lazily keeps the others off disk and tells the step which
+    ones went into the model (``used``), so lineage names exactly those."""
+
+    def __init__(self, dirs: Mapping[str, str]):
+        self.dirs = dict(dirs)
+        self._loaded: dict = {}
+
+    def __getitem__(self, family: str):
+        if family not in self._loaded:
+            self._loaded[family] = load_model(self.dirs[family])
+        return self._loaded[family]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dirs)
+
+    def __len__(self) -> int:
+        return len(self.dirs)
+
+    def used(self) -> dict[str, str]:
+        """``{asset key: "run_id=... model_dir=..."}`` of the models fit loaded; the run id is the
+        folder the model asset wrote under (``artifacts/<family>/<run_id>/model``)."""
+        return {
+            upstream_input_name(
+                family
+            ): f"run_id={Path(self.dirs[family]).parent.name} model_dir={self.dirs[family]}"
+            for family in self._loaded
+        }
+
+
+def upstream_input_name(family: str) -> str:
+    """The model asset's input (and Dagster ``ins`` key) for an upstream family's checkpoint."""
+    return f"model_{family}"
+
+
+# --- train --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trained:
+    out: Path
+    reuse: Reuse
+    fit_seconds: float
+    history: list[dict]
+    config: dict
+    upstream_models: dict
+
+
+def train(
+    family: Family, snapshot: str, settings: Settings, run_id: str, log, code_version: str,
+    upstream_dirs: Mapping[str, str] | None = None,
+) -> Trained:  # fmt: skip
+    """Fit ``family`` on the snapshot, or reuse the checkpoint of an earlier run with the same key.
+
+    Raises:
+        ValueError: the model config for this family is unreadable or has unknown fields.
+    """
+    upstream_dirs = dict(upstream_dirs or {})
+    config = parse_config(family.config_cls, family_configs(settings).get(family.name, {}))
+    parts = model_key_parts(
+        family.name, code_version, jsonable(config), snapshot_key(snapshot), upstream_dirs
+    )
+    key = reuse_key("model", parts)
+    cache = StepCache(settings.artifacts_dir, family.name, "model", (WEIGHTS_FILE, CONFIG_FILE))
+    hit = cache.lookup(key, log)
+    reuse = Reuse(key, hit)
+    if hit is not None:
+        out = Path(hit["path"])
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        log.info(reuse.note("checkpoint"))
+        meta = saved.get("meta") or {}
+        return Trained(out, reuse, hit.get("fit_seconds", 0.0), saved.get("history") or [],
+                       saved.get("config") or {}, meta.get("upstream_models") or {})  # fmt: skip
+    start = time.perf_counter()
+    if family.upstream:
+        upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
+        model = family.fit(Snapshot(snapshot), config, log.info, upstream)
+        # saved in config.json's meta, read back by the export step into lineage.json
+        model.meta["upstream_models"] = upstream.used()
+    else:
+        model = family.fit(Snapshot(snapshot), config, log.info)
+    seconds = round(time.perf_counter() - start, 2)
+    out = settings.artifacts_dir / family.name / run_id / "model"
+    model.save(out)
+    cache.record(key, out, run_id, {"fit_seconds": seconds})
+    return Trained(out, reuse, seconds, model.history, jsonable(model.config),
+                   model.meta.get("upstream_models") or {})  # fmt: skip
+
+
+# --- export -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Exported:
+    out: Path
+    reuse: Reuse
+    parity: dict  # passed, tolerance, max_abs_diff, markdown
+    lineage: dict
+    signature: dict
+
+
+def export(
+    family: Family, model_dir: str, snapshot: str, settings: Settings, run_id: str, log, code_version: str
+) -> Exported:
+    """ONNX export + parity gate + lineage, or the export of an earlier run with the same key.
+
+    A failed parity gate is never recorded for reuse: the next run tries again."""
+    key = reuse_key(
+        "onnx",
+        {"model_dir": model_dir, "code_version": code_version, "export_code": code_digest("export"),
+         "model_code": code_digest("models", "common"), "packages": package_versions(),
+         "snapshot": snapshot_key(snapshot)},
+    )  # fmt: skip
+    cache = StepCache(settings.artifacts_dir, family.name, "onnx", ONNX_FILES)
+    hit = cache.lookup(key, log)
+    if hit is not None and not isinstance(hit.get("parity"), dict):
+        hit = None  # a pointer without its parity report cannot re-emit the check
+    reuse = Reuse(key, hit)
+    if hit is not None:
+        log.info(reuse.note("ONNX export"))
+        out = Path(hit["path"])
+        read = lambda name: json.loads((out / name).read_text())  # noqa: E731
+        return Exported(out, reuse, hit["parity"], read("lineage.json"), read("signature.json"))
+    out = settings.artifacts_dir / family.name / run_id / "onnx"
+    result = export_family(family=family, model_dir=Path(model_dir), snapshot_dir=Path(snapshot), out_dir=out,
+                           asset_code_version=code_version, run_id=run_id)  # fmt: skip
+    parity = {
+        "passed": bool(result.parity_passed),
+        "tolerance": result.parity_tolerance,
+        "max_abs_diff": float(result.parity_max_abs_diff),
+        "markdown": result.parity_markdown,
+    }
+    if parity["passed"]:
+        cache.record(key, out, run_id, {"parity": parity})
+    return Exported(out, reuse, parity, result.lineage, result.signature)
+
+
+# --- evaluate -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluated:
+    out: Path
+    reuse: Reuse
+    metrics: dict
+    blessing: Blessing
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.json"
+
+
+def evaluate(
+    family: Family, onnx_dir: str, snapshot: str, popularity: Mapping[str, float], settings: Settings,
+    run_id: str, log,
+) -> Evaluated:  # fmt: skip
+    """onnxruntime-only metrics on the test split (reused when the key matches), then the
+    blessing against the popularity baseline and the last blessed version, decided every time."""
+    task = family.task.value
+    key = reuse_key(
+        "eval",
+        {"onnx_dir": onnx_dir, "task": task, "export_code": code_digest("export", "evaluation", "common"),
+         "packages": package_versions(), "snapshot": snapshot_key(snapshot)},
+    )  # fmt: skip
+    cache = StepCache(settings.artifacts_dir, family.name, "eval", ("metrics.json",))
+    hit = cache.lookup(key, log)
+    reuse = Reuse(key, hit)
+    if hit is not None:
+        log.info(reuse.note("evaluation"))
+        out = Path(hit["path"])
+        metrics = json.loads((out / "metrics.json").read_text())
+    else:
+        metrics = evaluate_onnx(Path(onnx_dir), Path(snapshot), task)
+        out = settings.artifacts_dir / family.name / run_id / "eval"
+        atomic_write_json(out / "metrics.json", metrics)
+        cache.record(key, out, run_id)
+    meta = json.loads((Path(snapshot) / "meta.json").read_text())
+    blessing = bless(
+        family.name, task, metrics, dict(popularity), settings.registry_dir, settings.bless_tolerance,
+        # compared with the blessed version's lineage.json data_fingerprint
+        data_version=(meta.get("upstream") or {}).get("raw_interactions"),
+    )  # fmt: skip
+    return Evaluated(out, reuse, metrics, blessing)
+
+
+# --- promote ------------------------------------------------------------------------------
+def promote(
+    family: Family, onnx_dir: str, metrics_path: str, settings: Settings, run_id: str, log
+) -> Promotion:
+    """Copy a blessed export into the registry under its lock (idempotent; see ``promote_blessed``)."""
+    staging = settings.artifacts_dir / family.name / run_id / "release"
+    promotion = promote_blessed(family.name, onnx_dir, metrics_path, settings.registry_dir, staging,
+                                on_wait=log.info)  # fmt: skip
+    if promotion.swept:
+        log.warning(f"removed leftovers of interrupted promotions of {family.name}: {promotion.swept}")
+    log.info(f"{family.name}: {promotion.note}")
+    return promotion
