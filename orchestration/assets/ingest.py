@@ -1,16 +1,13 @@
 """Ingest: raw interactions, users and items into ``raw.*``, each checked by its contract."""
 
-import shutil
-from pathlib import Path
-
 import dagster as dg
 
 from common.io import StorageError
 from ingest.layouts import SourceError
-from ingest.plan import build_plan
 from orchestration.assets.contracts import contract_check_result
 from orchestration.resources import WarehouseResource
-from pipeline.settings import SOURCES, SettingsError, ensure_writable, load_settings
+from pipeline.raw import Landed, land, resolve_source
+from pipeline.settings import SettingsError, ensure_writable, load_settings
 
 # Bump when the validation rules or the raw schema change: the UI then marks the raw
 # assets, and everything downstream, as stale.
@@ -77,41 +74,14 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
         settings = load_settings()
         # Before any work: a read-only, full or missing RECSYS_HOME fails here, in one line.
         ensure_writable(settings.home, "RECSYS_HOME")
+        source, data_path = resolve_source(settings, config.source, config.data_path)
     except SettingsError as exc:
         raise dg.Failure(description=str(exc)) from None
-    source = config.source or settings.source
-    if source not in SOURCES:
-        raise dg.Failure(f"run config source={source!r} is not one of {', '.join(SOURCES)}.")
-    data_path = Path(config.data_path).expanduser() if config.data_path else settings.data_path
-    scratch = settings.scratch_dir / context.run_id
     try:
-        plan = build_plan(
-            source,
-            data_path,
-            scratch,
-            column_map=config.column_map if config.column_map is not None else settings.column_map,
-            synthetic={
-                "n_users": settings.synth_users,
-                "n_items": settings.synth_items,
-                "n_events": settings.synth_events,
-                "seed": settings.synth_seed,
-            },
-            encoding=settings.files_encoding,
-            max_line_bytes=settings.max_line_bytes,
-            max_unpack_bytes=settings.max_unpack_bytes,
-        )
-        context.log.info(f"ingesting layout {plan.layout} ({'; '.join(plan.notes) or 'no notes'})")
         with warehouse.connect() as con:
-            from ingest.loader import ingest
-
-            report = ingest(con, plan)
-            checks = [
-                contract_check_result(con, f"raw_{table}", RAW_KEYS[table], settings) for table in RAW_KEYS
-            ]
-            stats = con.execute(
-                "SELECT count(DISTINCT user_id), count(DISTINCT item_id), min(ts), max(ts), "
-                "avg(rating) FROM raw.interactions"
-            ).fetchone()
+            landed = land(con, settings, source, data_path, config.column_map,
+                          settings.scratch_dir / context.run_id, context.log.info)  # fmt: skip
+            checks = [contract_check_result(con, f"raw_{t}", key, settings) for t, key in RAW_KEYS.items()]
     except (SourceError, StorageError) as exc:
         # Bad input or a full/read-only disk: the message names the file and the fix, and
         # the previous raw tables are intact. A Failure shows that message, not a deep stack.
@@ -119,38 +89,38 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
             description=str(exc),
             metadata={"source": source, "data_path": str(data_path or ""), "error": type(exc).__name__},
         ) from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-    for table, rep in report.tables.items():
-        metadata = {
-            "dagster/row_count": rep.rows,
-            "rejected_rows": rep.rejected,
-            "rejected_by_reason": dg.MetadataValue.json(rep.rejected_by_reason),
-            "fingerprint": rep.fingerprint,
-            "layout": report.layout,
-            "source": source,
-            "source_files": dg.MetadataValue.json(rep.source_files),
-            "derived_from_interactions": rep.derived,
-            "warehouse": dg.MetadataValue.path(str(settings.warehouse)),
-        }
-        if table == "interactions":
-            metadata |= {
-                "n_users": stats[0],
-                "n_items": stats[1],
-                "first_ts": stats[2],
-                "last_ts": stats[3],
-                "mean_rating": float(stats[4]),
-                "notes": "; ".join(report.notes),
-            }
+    for table, rep in landed.report.tables.items():
         if rep.rejected:
-            context.log.warning(
-                f"raw_{table}: {rep.rejected} rows rejected ({rep.rejected_by_reason}); "
-                f"see raw.rejected_{table}"
-            )
+            context.log.warning(f"raw_{table}: {rep.rejected} rows rejected ({rep.rejected_by_reason}); "
+                                f"see raw.rejected_{table}")  # fmt: skip
         yield dg.MaterializeResult(
             asset_key=RAW_KEYS[table],
             data_version=dg.DataVersion(rep.fingerprint),
-            metadata=metadata,
+            metadata=_table_metadata(table, landed, settings),
         )
     yield from checks
+
+
+def _table_metadata(table: str, landed: Landed, settings) -> dict:
+    rep = landed.report.tables[table]
+    metadata = {
+        "dagster/row_count": rep.rows,
+        "rejected_rows": rep.rejected,
+        "rejected_by_reason": dg.MetadataValue.json(rep.rejected_by_reason),
+        "fingerprint": rep.fingerprint,
+        "layout": landed.report.layout,
+        "source": landed.source,
+        "source_files": dg.MetadataValue.json(rep.source_files),
+        "derived_from_interactions": rep.derived,
+        "warehouse": dg.MetadataValue.path(str(settings.warehouse)),
+    }
+    if table == "interactions":
+        metadata |= {
+            "n_users": landed.n_users,
+            "n_items": landed.n_items,
+            "first_ts": landed.first_ts,
+            "last_ts": landed.last_ts,
+            "mean_rating": landed.mean_rating,
+            "notes": "; ".join(landed.report.notes),
+        }
+    return metadata
