@@ -109,6 +109,15 @@ def _example_tensors(spec: ExportSpecLike) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _dynamic_axes(spec: ExportSpecLike) -> dict[str, dict[int, str]]:
+    """``{tensor name: {axis: symbolic name}}`` for every string dim of the inputs and outputs
+    (the legacy exporter's form of ``_dynamic_shapes``)."""
+    return {
+        t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)}
+        for t in [*spec.inputs, *spec.outputs]
+    }
+
+
 def _dynamic_shapes(spec: ExportSpecLike) -> dict[str, dict[int, Dim]]:
     """One ``Dim`` per symbolic name, shared across inputs, so "batch" is one symbol everywhere.
 
@@ -178,10 +187,6 @@ def _torch_export(
             # TorchScript symbolic (or a torch.jit.ScriptModule scorer). Tracing records
             # one path through Python control flow, so such a forward must be branch-free on
             # data; the parity gate's unknown-id / history cases are what catch a wrong trace.
-            dynamic_axes = {
-                t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)}
-                for t in [*spec.inputs, *spec.outputs]
-            }
             torch.onnx.export(
                 scorer,
                 args,
@@ -190,7 +195,7 @@ def _torch_export(
                 output_names=output_names,
                 opset_version=OPSET,
                 dynamo=False,
-                dynamic_axes=dynamic_axes,
+                dynamic_axes=_dynamic_axes(spec),
             )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -37,33 +38,14 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
+    """What ``export/onnx_export.py`` needs to write a scorer: every string dim of ``inputs``
+    and ``outputs`` becomes a dynamic axis there (the one place that derives them)."""
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     example_inputs: tuple[torch.Tensor, ...]  # in `inputs` order
     topk: int | None = None  # K of the extra top-K graph (topk task only)
     notes: str = ""
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """``{tensor name: {axis: symbolic name}}`` for every string dim (inputs and outputs)."""
-        return {
-            t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
-            for t in (*self.inputs, *self.outputs)
-        }
-
-    def dynamic_shapes(self) -> tuple[dict[int, torch.export.Dim], ...]:
-        """The same, as ``torch.export.Dim`` objects per input, for ``dynamo=True`` export.
-
-        One ``Dim`` per symbolic name, so inputs that share "batch" share the dimension.
-        """
-        dims: dict[str, torch.export.Dim] = {}
-        out = []
-        for t in self.inputs:
-            axes = {}
-            for axis, dim in enumerate(t.shape):
-                if isinstance(dim, str):
-                    axes[axis] = dims.setdefault(dim, torch.export.Dim(dim))
-            out.append(axes)
-        return tuple(out)
 
 
 CONFIG_FILE = "config.json"
@@ -72,11 +54,26 @@ WEIGHTS_FILE = "model.pt"
 
 class TrainedModel(ABC):
     """Base of every family's fitted model. Subclasses set the class attributes and
-    implement ``build_module`` (rebuild the empty scorer from config + meta) and ``export_spec``."""
+    implement ``build_module`` (rebuild the empty scorer from config + meta) and ``export_spec``.
+
+    Class attributes:
+        family: the family's name, also the name of its module ``models/<family>.py``.
+        task: what the scorer computes (``Task``).
+        config_cls: the family's ``Config`` dataclass.
+        upstream: families whose fitted models ``fit`` builds on (``fit(snapshot, config, log,
+            upstream)``); empty for most.
+        loss: gradient-trained families only (``None`` for memory-based ones): a staticmethod
+            ``loss(module, batch, config) -> scalar tensor``, the objective ``fit`` minimises.
+        training_batch: with ``loss``: a staticmethod ``training_batch(snapshot, config, rows)``
+            giving a batch of the first ``rows`` training examples in ``loss``'s layout.
+    """
 
     family: ClassVar[str]
     task: ClassVar[Task]
     config_cls: ClassVar[type]
+    upstream: ClassVar[tuple[str, ...]] = ()
+    loss: ClassVar[Callable[..., torch.Tensor] | None] = None
+    training_batch: ClassVar[Callable[..., tuple[torch.Tensor, ...]] | None] = None
 
     def __init__(self, config: Any, module: nn.Module, meta: dict, history: list[dict] | None = None):
         self.config = config

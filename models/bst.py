@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import din
+from models import ctr, din
 from models.base import ExportSpec, Task, TrainedModel
 from models.ctr import CtrConfig
 from models.data import Snapshot
@@ -220,6 +220,9 @@ class BST(TrainedModel):
     family = "bst"
     task = Task.CTR
     config_cls = Config
+    # BST trains exactly like DIN.
+    loss = staticmethod(ctr.loss_fn)
+    training_batch = staticmethod(din.sequence_batch)
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -227,11 +230,6 @@ class BST(TrainedModel):
 
     def export_spec(self) -> ExportSpec:
         return din.sequence_export_spec(self)
-
-
-# The zoo-wide tests call these on the family's module; BST trains exactly like DIN.
-loss_fn = din.loss_fn
-training_batch = din.training_batch
 
 
 def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> BST:

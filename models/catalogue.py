@@ -1,4 +1,9 @@
-"""Every model family, one line each. A new family is one file plus one line here."""
+"""Every model family, one line each. A new family is one file plus one line here.
+
+A family ``x`` is the module ``models/x.py`` holding ``Config`` (a dataclass), ``fit(snapshot,
+config, log[, upstream])`` and one ``TrainedModel`` subclass whose ``family`` is ``"x"``;
+``family_of`` reads the rest (task, loader, upstream families, loss hooks) from that class.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,26 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 from models import (
     bst,
     cdae,
-    dcn,
+    dcn_parallel,
+    dcn_stacked,
     deepfm,
     din,
     dlrm,
     emb_knn,
+    gmf,
     item_knn,
     mf_implicit,
     mf_sgd,
     mmoe,
-    ncf,
+    ncf_mlp,
+    neumf,
     user_knn,
+    user_knn_topk,
     wals,
     wide_deep,
 )
@@ -30,45 +39,77 @@ from models.base import CONFIG_FILE, Task, TrainedModel
 
 @dataclass(frozen=True)
 class Family:
+    """What the other layers need of a family.
+
+    Args:
+        name: the family's name (its module's name).
+        task: what its scorer computes.
+        config_cls: its ``Config`` dataclass.
+        fit: ``fit(snapshot, config, log[, upstream]) -> TrainedModel``, defined in the family's
+            own file (the export's code version hashes that file).
+        load: ``load(directory) -> TrainedModel``.
+        upstream: families whose fitted models this one builds on (e.g. embeddings for
+            emb_knn). When non-empty, fit takes a 4th argument ``upstream: Mapping[name,
+            TrainedModel]`` holding (some of) them, fitted on the same snapshot; the
+            orchestration makes each a dependency.
+        model: the ``TrainedModel`` subclass; its ``loss`` / ``training_batch`` hooks are
+            ``None`` for memory-based families.
+    """
+
     name: str
     task: Task
     config_cls: type
-    fit: Callable[..., TrainedModel]  # fit(snapshot, config, log[, upstream]) -> TrainedModel
+    fit: Callable[..., TrainedModel]
     load: Callable[[Path | str], TrainedModel]
-    # Families whose fitted models this one may build on (e.g. embeddings for emb_knn). When
-    # non-empty, fit takes a 4th argument ``upstream: Mapping[name, TrainedModel]`` holding
-    # (some of) them, fitted on the same snapshot; the orchestration makes each a dependency.
     upstream: tuple[str, ...] = ()
+    model: type[TrainedModel] | None = None
 
 
-def _family(module: Any, model: type[TrainedModel], upstream: tuple[str, ...] = ()) -> Family:
-    return Family(model.family, model.task, module.Config, module.fit, model.load, upstream)
+def family_of(module: ModuleType) -> Family:
+    """The ``Family`` of ``models/<name>.py``, from its ``Config``, ``fit`` and model class."""
+    name = module.__name__.rpartition(".")[2]
+    models = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, TrainedModel)
+        and obj.__module__ == module.__name__
+        and getattr(obj, "family", None) == name
+    ]
+    if len(models) != 1:
+        raise TypeError(f"{module.__name__} must define one TrainedModel subclass with family = {name!r}")
+    model = models[0]
+    if model.config_cls is not getattr(module, "Config", None) or not callable(getattr(module, "fit", None)):
+        raise TypeError(f"{module.__name__} must define Config (= {model.__name__}.config_cls) and fit")
+    return Family(name, model.task, model.config_cls, module.fit, model.load, tuple(model.upstream), model)
 
 
 FAMILIES: dict[str, Family] = {
-    "item_knn": _family(item_knn, item_knn.ItemKNN),
-    "mf_sgd": _family(mf_sgd, mf_sgd.MFSGD),
-    "wals": _family(wals, wals.WALS),
-    "mf_implicit": _family(mf_implicit, mf_implicit.MFImplicit),
-    "gmf": Family("gmf", Task.TOPK, ncf.GMFConfig, ncf.fit_gmf, ncf.GMF.load),
-    "ncf_mlp": Family("ncf_mlp", Task.TOPK, ncf.MLPConfig, ncf.fit_mlp, ncf.NCFMLP.load),
-    "neumf": Family("neumf", Task.TOPK, ncf.NeuMFConfig, ncf.fit_neumf, ncf.NeuMF.load),
-    "cdae": _family(cdae, cdae.CDAE),
-    "deepfm": _family(deepfm, deepfm.DeepFM),
-    "wide_deep": _family(wide_deep, wide_deep.WideDeep),
-    "dlrm": _family(dlrm, dlrm.DLRM),
-    "dcn_stacked": Family("dcn_stacked", Task.CTR, dcn.StackedConfig, dcn.fit_stacked, dcn.DCNStacked.load),
-    "dcn_parallel": Family(
-        "dcn_parallel", Task.CTR, dcn.ParallelConfig, dcn.fit_parallel, dcn.DCNParallel.load
-    ),
-    "din": _family(din, din.DIN),
-    "bst": _family(bst, bst.BST),
-    "mmoe": _family(mmoe, mmoe.MMoEModel),
-    "user_knn": _family(user_knn, user_knn.UserKNN),
-    "user_knn_topk": Family(
-        "user_knn_topk", Task.TOPK, user_knn.TopKConfig, user_knn.fit_topk, user_knn.UserKNNTopK.load
-    ),
-    "emb_knn": _family(emb_knn, emb_knn.EmbKNN, upstream=emb_knn.SOURCES),
+    f.name: f
+    for f in map(
+        family_of,
+        (
+            item_knn,
+            mf_sgd,
+            wals,
+            mf_implicit,
+            gmf,
+            ncf_mlp,
+            neumf,
+            cdae,
+            deepfm,
+            wide_deep,
+            dlrm,
+            dcn_stacked,
+            dcn_parallel,
+            din,
+            bst,
+            mmoe,
+            user_knn,
+            user_knn_topk,
+            emb_knn,
+        ),
+    )
 }
 
 

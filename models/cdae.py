@@ -49,17 +49,16 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from common.metrics import ranking_metrics
-from models import ncf
 from models.base import TOPK, TOPK_NOTES, ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.topk import NegativeSampler, SampledTraining, ValidNDCG, popularity
 from models.train import deterministic, train_torch
 
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SampledTraining):
     # K = 50 hidden units: the paper's default size for its MovieLens experiments, and what the
     # public reference implementations use.
     hidden: int = 50
@@ -86,30 +85,34 @@ class Config:
     # Patience 10: an epoch is one pass over the users (a few dozen steps on small data), so
     # the valid metric moves less and is noisier per epoch than for the pair-based NCF families.
     patience: int = 10
-    # Valid users sampled for model selection: full ranking costs n_items scores per user.
-    eval_users: int = 1000
     # Initial std of W, W' and V: ~1/sqrt(K) (Xavier scale for W'), so h differs across users
     # from the first step. With 0.01 every h is ~0.5, only the item biases learn (popularity)
-    # for ~10 epochs, and early stopping mistakes that plateau for convergence (as in ncf's GMF).
+    # for ~10 epochs, and early stopping mistakes that plateau for convergence (as in GMF).
     init_std: float = 0.1
-    seed: int = 0
+    # eval_users, seed: SampledTraining's.
 
     def __post_init__(self):
-        if self.hidden < 1 or self.negatives < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("cdae: hidden, negatives, batch_size and epochs must be >= 1")
-        if self.patience < 1 or self.eval_users < 1:
-            raise ValueError("cdae: patience and eval_users must be >= 1")
+        super().__post_init__()
+        if self.hidden < 1 or self.patience < 1:
+            raise ValueError("cdae: hidden and patience must be >= 1")
         if not 0 <= self.corruption < 1:
             raise ValueError(f"cdae: corruption must be in [0, 1), got {self.corruption}")
         if not 0 <= self.unknown_rate < 1:
             raise ValueError(f"cdae: unknown_rate must be in [0, 1), got {self.unknown_rate}")
-        if self.lr <= 0 or self.reg < 0 or self.init_std <= 0:
-            raise ValueError(f"cdae: lr and init_std must be > 0 and reg >= 0, got {self}")
+        if self.init_std <= 0:
+            raise ValueError(f"cdae: init_std must be > 0, got {self.init_std}")
 
 
 # --- module -----------------------------------------------------------------------------------
 class CDAEModule(nn.Module):
-    """The auto-encoder and the scorer contract of the module docstring in one module."""
+    """The auto-encoder and the scorer contract of the module docstring in one module.
+
+    Args:
+        n_users: user nodes (row 0 = the unknown node).
+        n_items: items (index 0 = padding, never an input or an output).
+        hidden: K, the hidden layer's width.
+        init_std: std of the normal init of W, W' and V.
+    """
 
     def __init__(self, n_users: int, n_items: int, hidden: int, init_std: float = 0.1):
         super().__init__()
@@ -174,7 +177,7 @@ def user_item_rows(train: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
 
 
 class BatchBuilder:
-    """Turns a batch of users into ``loss_fn``'s tensors: corrupted inputs (kept items, bag
+    """Turns a batch of users into ``CDAE.loss``'s tensors: corrupted inputs (kept items, bag
     offsets, 1/(1-q) weights), the user nodes (some replaced by 0) and the scored pairs (the
     user's items as positives plus sampled negatives). Its own seeded RNG, so training is
     reproducible and independent of train_torch's shuffling."""
@@ -184,7 +187,7 @@ class BatchBuilder:
         self.config = config
         self.rng = np.random.default_rng(seed)
         coo = train.tocoo()
-        self.sampler = ncf.NegativeSampler(
+        self.sampler = NegativeSampler(
             coo.row.astype(np.int64), coo.col.astype(np.int64), train.shape[1], seed=seed + 1
         )
 
@@ -208,35 +211,9 @@ class BatchBuilder:
         return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
 
 
-def loss_fn(module: CDAEModule, batch, config: Config) -> torch.Tensor:
-    """Logistic loss summed over each user's scored items, averaged over the batch's users,
-    plus ``reg`` x (||W||^2 + ||W'||^2 + mean squared norm of the batch's user nodes)."""
-    node, items, offsets, weights, pair_row, pair_item, label = batch
-    h = module.hidden_sparse(node, items, offsets, weights)
-    logits = module.pair_logits(h, pair_row, pair_item)
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="sum") / len(node)
-    if config.reg > 0:
-        weights_sq = module.item_in.weight.pow(2).sum() + module.item_out.weight.pow(2).sum()
-        loss = loss + config.reg * (weights_sq + module.user_node(node).pow(2).sum(-1).mean())
-    return loss
-
-
-def _popularity(snapshot: Snapshot) -> torch.Tensor:
-    """Train interaction count per item / max count (the popularity fallback), index 0 = 0."""
-    pop = snapshot.item_popularity().astype(np.float64)
-    pop[0] = 0.0
-    return torch.from_numpy((pop / max(pop.max(), 1.0)).astype(np.float32))
-
-
 def _train_users(train: sp.csr_matrix) -> np.ndarray:
     users = np.flatnonzero(np.diff(train.indptr) > 0)
     return users[users > 0].astype(np.int64)
-
-
-def training_batch(snapshot: Snapshot, config: Config, rows: int = 64) -> tuple[torch.Tensor, ...]:
-    """``loss_fn``'s batch for the first ``rows`` train users (tests)."""
-    train = binary_train_matrix(snapshot)
-    return BatchBuilder(train, config, config.seed)(_train_users(train)[:rows])
 
 
 @torch.no_grad()
@@ -251,21 +228,30 @@ def score_users(module: nn.Module, users: np.ndarray, train: sp.csr_matrix, batc
     return np.concatenate(out) if out else np.zeros((0, train.shape[1]), np.float32)
 
 
-class _Validation(ncf._Validation):
-    """NCF's valid NDCG@10 (same user sample and protocol), scoring with the item vectors."""
-
-    def __call__(self, module: nn.Module) -> float:
-        if not len(self.users):  # no valid split: every epoch ties, the cap stops training
-            return 0.0
-        scores = score_users(module, self.users, self.train)
-        return ranking_metrics(scores, self.train, self.users, self.relevant)["ndcg@10"]
-
-
 # --- fitted model -----------------------------------------------------------------------------
 class CDAE(TrainedModel):
     family = "cdae"
     task = Task.TOPK
     config_cls = Config
+
+    @staticmethod
+    def loss(module: CDAEModule, batch, config: Config) -> torch.Tensor:
+        """Logistic loss summed over each user's scored items, averaged over the batch's users,
+        plus ``reg`` x (||W||^2 + ||W'||^2 + mean squared norm of the batch's user nodes)."""
+        node, items, offsets, weights, pair_row, pair_item, label = batch
+        h = module.hidden_sparse(node, items, offsets, weights)
+        logits = module.pair_logits(h, pair_row, pair_item)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="sum") / len(node)
+        if config.reg > 0:
+            weights_sq = module.item_in.weight.pow(2).sum() + module.item_out.weight.pow(2).sum()
+            loss = loss + config.reg * (weights_sq + module.user_node(node).pow(2).sum(-1).mean())
+        return loss
+
+    @staticmethod
+    def training_batch(snapshot: Snapshot, config: Config, rows: int = 64) -> tuple[torch.Tensor, ...]:
+        """``loss``'s batch for the first ``rows`` train users."""
+        train = binary_train_matrix(snapshot)
+        return BatchBuilder(train, config, config.seed)(_train_users(train)[:rows])
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -302,14 +288,15 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> CDAE:
     users = _train_users(train)
     if len(users) == 0:
         raise ValueError(f"{snapshot.path}: empty train split; cdae needs train interactions")
-    validation = _Validation(snapshot, config.eval_users, config.seed)
+    # The NCF families' valid NDCG@10 (same user sample and protocol), scoring with the item vectors.
+    validation = ValidNDCG(snapshot, config.eval_users, config.seed, score=score_users)
     with deterministic(config.seed):
         module = CDAEModule(snapshot.n_users, snapshot.n_items, config.hidden, config.init_std)
-        module.popularity.copy_(_popularity(snapshot))
+        module.popularity.copy_(popularity(snapshot))
         build = BatchBuilder(train, config, config.seed + 1)
 
         def step_loss(m, batch):
-            return loss_fn(m, build(batch[0].numpy()), config)
+            return CDAE.loss(m, build(batch[0].numpy()), config)
 
         history = train_torch(
             module,

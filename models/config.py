@@ -19,10 +19,9 @@ class ConfigError(ValueError):
     """A config mapping does not fit the family's Config dataclass."""
 
 
-def _family(cls: type) -> str:
-    """The family a Config belongs to: its ``FAMILY`` class attribute when one module holds
-    several families (models/ncf.py), else the module's name."""
-    return getattr(cls, "FAMILY", None) or cls.__module__.rsplit(".", 1)[-1]
+def config_family(cls: type) -> str:
+    """The family a Config belongs to: the name of its module (``models/<family>.py``)."""
+    return cls.__module__.rsplit(".", 1)[-1]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -74,7 +73,7 @@ def parse_config(cls: type, mapping: Mapping[str, Any] | None = None):
         raise TypeError(f"{cls!r} is not a dataclass")
     mapping = dict(mapping or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    family = _family(cls)
+    family = config_family(cls)
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         raise ConfigError(

@@ -70,19 +70,6 @@ class CtrConfig(CtrTraining):
             raise ValueError(f"label must be 'like' or 'love', got {self.label!r}")
 
 
-class CtrModel(TrainedModel):
-    """A fitted CTR family: ``sparse [B, F]``, ``dense [B, D]`` -> ``logit [B]``."""
-
-    task: ClassVar[Task] = Task.CTR
-
-    def export_spec(self) -> ExportSpec:
-        return sparse_dense_spec(
-            self.meta,
-            TensorSpec("logit", "float32", ("batch",)),
-            f"label = label_{self.config.label}; output is a logit (apply sigmoid)",
-        )
-
-
 def sparse_dense_spec(meta: dict, output: TensorSpec, output_note: str) -> ExportSpec:
     """The spec of a ``sparse [batch, F]``, ``dense [batch, D]`` scorer with one ``output``.
 
@@ -220,13 +207,6 @@ def loss_fn(module: nn.Module, batch, config, id_columns: tuple[int, ...] | list
     return loss
 
 
-def training_batch(snapshot: Snapshot, config: CtrConfig, rows: int = 256) -> tuple[torch.Tensor, ...]:
-    """The first ``rows`` train rows as ``loss_fn``'s batch (tests: one step lowers the loss)."""
-    c = snapshot.ctr("train", max_history=1)
-    label = getattr(c, f"label_{config.label}")
-    return tuple(torch.from_numpy(a[:rows]) for a in (c.sparse, c.dense, label))
-
-
 @torch.no_grad()
 def predict_logits(module: nn.Module, *arrays: np.ndarray, batch: int = 8192) -> np.ndarray:
     """Eval-mode logits for row-aligned input arrays, in batches."""
@@ -236,3 +216,25 @@ def predict_logits(module: nn.Module, *arrays: np.ndarray, batch: int = 8192) ->
         module(*(torch.from_numpy(a[lo : lo + batch]) for a in arrays)).numpy() for lo in range(0, n, batch)
     ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def ctr_batch(snapshot: Snapshot, config: CtrConfig, rows: int = 256) -> tuple[torch.Tensor, ...]:
+    """The first ``rows`` train rows as ``loss_fn``'s batch."""
+    c = snapshot.ctr("train", max_history=1)
+    label = getattr(c, f"label_{config.label}")
+    return tuple(torch.from_numpy(a[:rows]) for a in (c.sparse, c.dense, label))
+
+
+class CtrModel(TrainedModel):
+    """A fitted CTR family: ``sparse [B, F]``, ``dense [B, D]`` -> ``logit [B]``."""
+
+    task: ClassVar[Task] = Task.CTR
+    loss = staticmethod(loss_fn)
+    training_batch = staticmethod(ctr_batch)
+
+    def export_spec(self) -> ExportSpec:
+        return sparse_dense_spec(
+            self.meta,
+            TensorSpec("logit", "float32", ("batch",)),
+            f"label = label_{self.config.label}; output is a logit (apply sigmoid)",
+        )

@@ -1,9 +1,10 @@
 """DCN-v2 (Wang et al. 2021, "DCN V2: Improved Deep & Cross Network") on ``Snapshot.ctr``,
-task ``ctr``. Two families in one file, the paper's two structures:
+task ``ctr``: what the paper's two structures share. Each is a family with its own file:
 
-- ``dcn_stacked``: ``logit = head(deep(cross(x_0)))``, the deep network on top of the cross
-  network's output;
-- ``dcn_parallel``: ``logit = head([cross(x_0), deep(x_0)])``, both read ``x_0`` side by side.
+- ``dcn_stacked`` (``models/dcn_stacked.py``): ``logit = head(deep(cross(x_0)))``, the deep
+  network on top of the cross network's output;
+- ``dcn_parallel`` (``models/dcn_parallel.py``): ``logit = head([cross(x_0), deep(x_0)])``,
+  both read ``x_0`` side by side.
 
 ``x_0 = [embeddings of the F sparse fields flattened, dense]``; the cross network
 (``layers.CrossNetV2``) applies ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``, full rank by default,
@@ -20,17 +21,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models import ctr
-from models.ctr import CtrConfig, CtrModel, Log, fit_ctr
-from models.data import Snapshot
+from models.ctr import CtrConfig, CtrModel
 from models.layers import MLP, CrossNetV2, FeaturesEmbedding
-
-# tests/test_models.py steps every family's ``loss_fn`` on its ``training_batch``.
-loss_fn, training_batch = ctr.loss_fn, ctr.training_batch
 
 
 @dataclass(frozen=True)
 class DCNConfig(CtrConfig):
+    """The fields both structures share; each family's ``Config`` sets ``PARALLEL``."""
+
     PARALLEL: ClassVar[bool]
     # 16-dim embeddings as deepfm; x_0 is F * 16 + D wide (~150 on MovieLens), so full-rank
     # cross weights stay small (~22k per layer).
@@ -56,19 +54,15 @@ class DCNConfig(CtrConfig):
             raise ValueError(f"hidden needs at least one width, each >= 1, got {self.hidden}")
 
 
-@dataclass(frozen=True)
-class StackedConfig(DCNConfig):
-    FAMILY: ClassVar[str] = "dcn_stacked"  # models.config names errors after it
-    PARALLEL: ClassVar[bool] = False
-
-
-@dataclass(frozen=True)
-class ParallelConfig(DCNConfig):
-    FAMILY: ClassVar[str] = "dcn_parallel"  # models.config names errors after it
-    PARALLEL: ClassVar[bool] = True
-
-
 class DCNModule(nn.Module):
+    """Embeddings -> ``x_0`` -> cross and deep networks (stacked or parallel) -> ``logit [B]``.
+
+    Args:
+        cardinalities: rows of each sparse field's embedding table (index 0 = unknown).
+        n_dense: number of dense features appended to ``x_0``.
+        config: the family's config; ``config.PARALLEL`` picks the structure.
+    """
+
     def __init__(self, cardinalities: list[int], n_dense: int, config: DCNConfig):
         super().__init__()
         self.parallel = config.PARALLEL
@@ -91,25 +85,9 @@ class DCNModule(nn.Module):
         return self.head(h).squeeze(-1)
 
 
-class _DCN(CtrModel):
+class DCNModel(CtrModel):
+    """Base of the two fitted DCN families."""
+
     @classmethod
     def build_module(cls, config: DCNConfig, meta: dict) -> nn.Module:
         return DCNModule(meta["cardinalities"], len(meta["dense_fields"]), config)
-
-
-class DCNStacked(_DCN):
-    family = "dcn_stacked"
-    config_cls = StackedConfig
-
-
-class DCNParallel(_DCN):
-    family = "dcn_parallel"
-    config_cls = ParallelConfig
-
-
-def fit_stacked(snapshot: Snapshot, config: StackedConfig, log: Log = print) -> DCNStacked:
-    return fit_ctr(snapshot, config, DCNStacked, log)
-
-
-def fit_parallel(snapshot: Snapshot, config: ParallelConfig, log: Log = print) -> DCNParallel:
-    return fit_ctr(snapshot, config, DCNParallel, log)

@@ -18,13 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import ctr
 from models.ctr import CtrConfig, CtrModel, Log, fit_ctr
 from models.data import Snapshot
 from models.layers import MLP, FactorizationMachine, FeaturesEmbedding, FeaturesLinear
-
-# tests/test_models.py steps every family's ``loss_fn`` on its ``training_batch``: the shared ones.
-loss_fn, training_batch, predict_logits = ctr.loss_fn, ctr.training_batch, ctr.predict_logits
 
 
 @dataclass(frozen=True)

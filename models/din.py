@@ -221,13 +221,8 @@ def sequence_export_spec(model: TrainedModel) -> ExportSpec:
     )
 
 
-# BCE-with-logits on ``module(sparse, dense, history)`` (+ embedding L2), unknown-id masking on
-# ``sparse``: the shared ranking loss, whose batch is ``(sparse, dense, history, y)`` here.
-loss_fn = ctr.loss_fn
-
-
-def training_batch(snapshot: Snapshot, config, rows: int = 256) -> tuple[torch.Tensor, ...]:
-    """The first ``rows`` train rows as ``loss_fn``'s batch (tests: one step lowers the loss)."""
+def sequence_batch(snapshot: Snapshot, config, rows: int = 256) -> tuple[torch.Tensor, ...]:
+    """The first ``rows`` train rows as the loss's batch ``(sparse, dense, history, y)``."""
     c = snapshot.ctr("train", max_history=config.max_history)
     label = getattr(c, f"label_{config.label}")
     return tuple(torch.from_numpy(a[:rows]) for a in (c.sparse, c.dense, c.history, label))
@@ -262,6 +257,10 @@ class DIN(TrainedModel):
     family = "din"
     task = Task.CTR
     config_cls = Config
+    # BCE-with-logits on ``module(sparse, dense, history)`` (+ embedding L2), unknown-id masking
+    # on ``sparse``: the shared ranking loss, whose batch is ``(sparse, dense, history, y)`` here.
+    loss = staticmethod(ctr.loss_fn)
+    training_batch = staticmethod(sequence_batch)
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:

@@ -23,13 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import ctr
 from models.ctr import CtrConfig, CtrModel, Log, fit_ctr
 from models.data import Snapshot
 from models.layers import MLP, DotInteraction, FeaturesEmbedding
-
-# tests/test_models.py steps every family's ``loss_fn`` on its ``training_batch``.
-loss_fn, training_batch = ctr.loss_fn, ctr.training_batch
 
 
 @dataclass(frozen=True)

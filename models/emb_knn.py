@@ -40,6 +40,7 @@ from models.base import ExportSpec, Task, TensorSpec, TrainedModel, user_topk_sp
 from models.data import Snapshot
 from models.layers import UserTopKScorer
 from models.neighbours import NeighbourRows
+from models.topk import popularity
 from models.train import format_row, history_row
 
 # Families whose TrainedModel has embeddings() in one dot-product space: score = user . item
@@ -182,11 +183,11 @@ class SimilarItems(nn.Module):
         return similar, similarity.float()
 
 
-def popular_key(popularity: np.ndarray) -> np.ndarray:
+def popular_key(pop: np.ndarray) -> np.ndarray:
     """Distinct ranking keys in (0, 1]: most popular first, ties by lower index."""
-    order = np.lexsort((np.arange(len(popularity)), -np.asarray(popularity, np.float64)))
-    key = np.empty(len(popularity), dtype=np.float64)
-    key[order] = (len(popularity) - np.arange(len(popularity))) / len(popularity)
+    order = np.lexsort((np.arange(len(pop)), -np.asarray(pop, np.float64)))
+    key = np.empty(len(pop), dtype=np.float64)
+    key[order] = (len(pop) - np.arange(len(pop))) / len(pop)
     return key
 
 
@@ -194,6 +195,7 @@ class EmbKNN(TrainedModel):
     family = "emb_knn"
     task = Task.TOPK
     config_cls = Config
+    upstream = SOURCES
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -299,8 +301,7 @@ def fit(
     module.rows.load_state_dict(rows.state_dict())
     module.users.unit.copy_(torch.from_numpy(unit_rows(user_emb)))
     module.item_unit.copy_(torch.from_numpy(unit_rows(item_emb)))
-    pop = snapshot.item_popularity().astype(np.float64)
-    module.popularity.copy_(torch.from_numpy((pop / max(pop.max(), 1.0)).astype(np.float32)))
+    module.popularity.copy_(popularity(snapshot))
     module.eval()
     model = EmbKNN(config, module, meta)
 

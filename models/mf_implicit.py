@@ -53,6 +53,7 @@ from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import UserTopKScorer
+from models.topk import TopKTraining, popularity
 from models.train import deterministic, format_row, history_row, make_optimizer
 from models.wals import confidence_weights
 
@@ -60,7 +61,7 @@ UNOBSERVED = ("sampled", "gramian")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TopKTraining):
     # 64 factors: SGD pays O(d) per sampled cell (not O(d^3) per row as ALS), so a wider
     # model than WALS's 32 is cheap; on MovieLens-sized data implicit MF gains little past 64.
     dim: int = 64
@@ -97,11 +98,10 @@ class Config:
     # Init std of both tables: small (predictions ~ d * 0.01 ~ 0.6 at most) so the first
     # epochs are driven by the data, big enough to break symmetry.
     init_std: float = 0.1
-    # Users sampled from valid for model selection: full ranking costs n_items per user.
-    eval_users: int = 1000
-    seed: int = 0
+    # eval_users (valid users ranked for model selection), seed: TopKTraining's.
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dim < 1 or self.epochs < 1 or self.batch_size < 1 or self.n_negatives < 1:
             raise ValueError("dim, epochs, batch_size and n_negatives must be >= 1")
         if not (0 < self.omega0 <= 1):
@@ -155,20 +155,6 @@ def _unobserved_term(module, u_vec, p, neg, inv_obs_u, n_unobs_u, config):
     return weight * (pn * pn).sum(-1)
 
 
-def loss_fn(module: MFImplicitScorer, batch, config: Config) -> torch.Tensor:
-    """Mean over the batch's observed cells of ``loss_cell`` (module docstring): ~ L / nnz.
-
-    ``batch = (user, item, weight, 1/n_obs_user, 1/n_obs_item, n_unobserved_user, negatives [B, K])``.
-    """
-    u, i, w, inv_obs_u, inv_obs_i, n_unobs_u, neg = batch
-    u_vec, v_vec = module.user_factors[u], module.item_factors[i]
-    p = (u_vec * v_vec).sum(-1)
-    obs = w * (1.0 - p) ** 2
-    unobs = _unobserved_term(module, u_vec, p, neg, inv_obs_u, n_unobs_u, config)
-    reg = config.lam * (inv_obs_u * u_vec.pow(2).sum(-1) + inv_obs_i * v_vec.pow(2).sum(-1))
-    return (obs + unobs + reg).mean()
-
-
 class _Cells:
     """The observed cells as flat arrays plus what each cell needs for its loss terms."""
 
@@ -205,16 +191,6 @@ class _Cells:
         )
 
 
-def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple[torch.Tensor, ...]:
-    """The first ``rows`` observed train cells as ``loss_fn``'s batch; negatives seeded by ``config.seed``."""
-    cells = _Cells(confidence_weights(snapshot.train_matrix("rating"), config.alpha, config.eps))
-    idx = np.arange(min(rows, len(cells)))
-    neg, _ = sample_unobserved(
-        cells.observed, cells.user[idx], config.n_negatives, np.random.default_rng(config.seed)
-    )
-    return cells.batch(idx, neg)
-
-
 # --- scorer -------------------------------------------------------------------------------
 class MFImplicitScorer(UserTopKScorer):
     def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.0):
@@ -233,6 +209,30 @@ class MFImplicit(TrainedModel):
     family = "mf_implicit"
     task = Task.TOPK
     config_cls = Config
+
+    @staticmethod
+    def loss(module: MFImplicitScorer, batch, config: Config) -> torch.Tensor:
+        """Mean over the batch's observed cells of ``loss_cell`` (module docstring): ~ L / nnz.
+
+        ``batch = (user, item, weight, 1/n_obs_user, 1/n_obs_item, n_unobserved_user, negatives [B, K])``.
+        """
+        u, i, w, inv_obs_u, inv_obs_i, n_unobs_u, neg = batch
+        u_vec, v_vec = module.user_factors[u], module.item_factors[i]
+        p = (u_vec * v_vec).sum(-1)
+        obs = w * (1.0 - p) ** 2
+        unobs = _unobserved_term(module, u_vec, p, neg, inv_obs_u, n_unobs_u, config)
+        reg = config.lam * (inv_obs_u * u_vec.pow(2).sum(-1) + inv_obs_i * v_vec.pow(2).sum(-1))
+        return (obs + unobs + reg).mean()
+
+    @staticmethod
+    def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple[torch.Tensor, ...]:
+        """The first ``rows`` observed train cells as ``loss``'s batch (negatives: ``config.seed``)."""
+        cells = _Cells(confidence_weights(snapshot.train_matrix("rating"), config.alpha, config.eps))
+        idx = np.arange(min(rows, len(cells)))
+        neg, _ = sample_unobserved(
+            cells.observed, cells.user[idx], config.n_negatives, np.random.default_rng(config.seed)
+        )
+        return cells.batch(idx, neg)
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -280,7 +280,9 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
             total = 0.0
             for lo in range(0, len(cells), config.batch_size):
                 idx = order[lo : lo + config.batch_size]
-                loss = loss_fn(module, cells.batch(idx, negatives[lo : lo + config.batch_size]), config)
+                loss = MFImplicit.loss(
+                    module, cells.batch(idx, negatives[lo : lo + config.batch_size]), config
+                )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"mf_implicit: loss became {loss.item()} in epoch {epoch}; lower lr ({config.lr})"
@@ -319,8 +321,7 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
                     break
     module.load_state_dict(best_state)
     module.eval()
-    pop = snapshot.item_popularity().astype(np.float64)
     with torch.no_grad():
-        module.popularity.copy_(torch.from_numpy((pop / max(pop.max(), 1.0)).astype(np.float32)))
+        module.popularity.copy_(popularity(snapshot))
     meta = {"n_users": n_users, "n_items": n_items}
     return MFImplicit(config, module, meta, history)

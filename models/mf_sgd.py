@@ -87,30 +87,30 @@ class MatrixFactorization(nn.Module):
         return self.raw(user_idx, item_idx).clamp(self.rating_min, self.rating_max)
 
 
-def loss_fn(module: MatrixFactorization, batch, config: Config) -> torch.Tensor:
-    """MSE + reg * (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2), averaged over the batch's ratings."""
-    u, i, r = batch
-    reg = config.reg
-    pred = module.raw(u, i)
-    penalty = (
-        module.user(u).pow(2).sum(-1)
-        + module.item(i).pow(2).sum(-1)
-        + module.user_bias(u).squeeze(-1).pow(2)
-        + module.item_bias(i).squeeze(-1).pow(2)
-    )
-    return ((pred - r) ** 2 + reg * penalty).mean()
-
-
-def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple[torch.Tensor, ...]:
-    """The first ``rows`` train rows as ``loss_fn``'s batch (tests: one step lowers the loss)."""
-    r = snapshot.ratings("train")
-    return tuple(torch.from_numpy(a[:rows]) for a in (r.user_idx, r.item_idx, r.rating))
-
-
 class MFSGD(TrainedModel):
     family = "mf_sgd"
     task = Task.RATING
     config_cls = Config
+
+    @staticmethod
+    def loss(module: MatrixFactorization, batch, config: Config) -> torch.Tensor:
+        """MSE + reg * (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2), averaged over the batch's ratings."""
+        u, i, r = batch
+        reg = config.reg
+        pred = module.raw(u, i)
+        penalty = (
+            module.user(u).pow(2).sum(-1)
+            + module.item(i).pow(2).sum(-1)
+            + module.user_bias(u).squeeze(-1).pow(2)
+            + module.item_bias(i).squeeze(-1).pow(2)
+        )
+        return ((pred - r) ** 2 + reg * penalty).mean()
+
+    @staticmethod
+    def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple[torch.Tensor, ...]:
+        """The first ``rows`` train rows as ``loss``'s batch."""
+        r = snapshot.ratings("train")
+        return tuple(torch.from_numpy(a[:rows]) for a in (r.user_idx, r.item_idx, r.rating))
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -154,7 +154,7 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
         )
         history = train_torch(
             module,
-            lambda m, b: loss_fn(m, b, config),
+            lambda m, b: MFSGD.loss(m, b, config),
             (train.user_idx, train.item_idx, train.rating.astype(np.float32)),
             lambda m: rmse(ev_r, m(ev_u, ev_i).numpy()),
             family="mf_sgd",

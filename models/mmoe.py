@@ -5,7 +5,7 @@ Two tasks from fct_ctr_samples: ``like`` (label_like) and ``love`` (label_love, 
 ``x = [field embeddings flattened, dense]``; ``E`` shared ``Expert`` MLPs read ``x``; each
 task ``t`` has its own ``Gate``, ``g_t = softmax(W_t x)`` over the experts, and its own tower
 on ``sum_i g_t,i * expert_i(x)``. ``forward`` returns ``logits [B, 2]`` (column 0 = like,
-column 1 = love); the loss (a weighted sum of the two BCE-with-logits) lives in ``loss_fn``.
+column 1 = love); the loss (a weighted sum of the two BCE-with-logits) is ``MMoE.loss``.
 
 Unknown ids: as in DeepFM, index 0 of every field is its unknown bucket and a fraction
 ``unknown_rate`` of user/item ids is replaced by 0 while training, so row 0 is trained as
@@ -87,9 +87,17 @@ class Gate(nn.Module):
         return torch.softmax(self.linear(x), dim=-1)
 
 
-class MMoE(nn.Module):
+class MMoEArch(nn.Module):
     """Shared experts and one gate per task: ``x -> [B, n_tasks, expert_dim]``, each task's
-    gate-weighted sum of the expert outputs."""
+    gate-weighted sum of the expert outputs.
+
+    Args:
+        in_dim: width of ``x``.
+        n_experts: shared ``Expert`` MLPs.
+        n_tasks: one ``Gate`` per task.
+        hidden: each expert's layer widths (its output is ``hidden[-1]`` wide).
+        dropout: dropout inside the experts.
+    """
 
     def __init__(self, in_dim: int, n_experts: int, n_tasks: int, hidden: tuple[int, ...], dropout: float):
         super().__init__()
@@ -107,13 +115,13 @@ class MMoE(nn.Module):
 
 
 class MMoEModule(nn.Module):
-    """Embeddings -> MMoE -> one tower per task -> ``logits [B, n_tasks]``."""
+    """Embeddings -> MMoEArch -> one tower per task -> ``logits [B, n_tasks]``."""
 
     def __init__(self, cardinalities: list[int], n_dense: int, config: Config):
         super().__init__()
         self.embedding = FeaturesEmbedding(cardinalities, config.embed_dim)
         in_dim = len(cardinalities) * config.embed_dim + n_dense
-        self.mmoe = MMoE(in_dim, config.n_experts, len(TASKS), config.expert_hidden, config.dropout)
+        self.mmoe = MMoEArch(in_dim, config.n_experts, len(TASKS), config.expert_hidden, config.dropout)
         self.towers = nn.ModuleList(
             MLP(self.mmoe.out_dim, config.tower_hidden, 1, config.dropout) for _ in TASKS
         )
@@ -126,10 +134,34 @@ class MMoEModule(nn.Module):
         return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)
 
 
-class MMoEModel(TrainedModel):
+def _labels(c) -> np.ndarray:
+    """``[N, 2]`` float32 labels in ``TASKS`` order."""
+    return np.stack([getattr(c, f"label_{t}") for t in TASKS], axis=1).astype(np.float32)
+
+
+def mean_task_auc(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Early-stopping metric: the mean AUC over the tasks whose labels hold both classes."""
+    tasks = [t for t in range(labels.shape[1]) if len(np.unique(labels[:, t])) == 2]
+    aucs = [auc(labels[:, t], logits[:, t]) for t in tasks]
+    if not aucs:
+        raise ValueError("mmoe: no task has both classes in the evaluation rows; cannot compute AUC")
+    return float(np.mean(aucs))
+
+
+class MMoE(TrainedModel):
     family = "mmoe"
     task = Task.MULTITASK
     config_cls = Config
+    # ``sum_t w_t * BCE(task t)`` (+ embedding L2), unknown-id masking: the shared ranking loss.
+    loss = staticmethod(ctr.loss_fn)
+
+    @staticmethod
+    def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple[torch.Tensor, ...]:
+        """The first ``rows`` train rows as ``loss``'s batch."""
+        c = snapshot.ctr("train", max_history=1)
+        return tuple(
+            torch.from_numpy(np.ascontiguousarray(a[:rows])) for a in (c.sparse, c.dense, _labels(c))
+        )
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -143,31 +175,7 @@ class MMoEModel(TrainedModel):
         )
 
 
-# ``sum_t w_t * BCE(task t)`` (+ embedding L2), unknown-id masking: the shared ranking loss.
-loss_fn = ctr.loss_fn
-
-
-def _labels(c) -> np.ndarray:
-    """``[N, 2]`` float32 labels in ``TASKS`` order."""
-    return np.stack([getattr(c, f"label_{t}") for t in TASKS], axis=1).astype(np.float32)
-
-
-def training_batch(snapshot: Snapshot, config: Config, rows: int = 256) -> tuple[torch.Tensor, ...]:
-    """The first ``rows`` train rows as ``loss_fn``'s batch (tests: one step lowers the loss)."""
-    c = snapshot.ctr("train", max_history=1)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a[:rows])) for a in (c.sparse, c.dense, _labels(c)))
-
-
-def mean_task_auc(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Early-stopping metric: the mean AUC over the tasks whose labels hold both classes."""
-    tasks = [t for t in range(labels.shape[1]) if len(np.unique(labels[:, t])) == 2]
-    aucs = [auc(labels[:, t], logits[:, t]) for t in tasks]
-    if not aucs:
-        raise ValueError("mmoe: no task has both classes in the evaluation rows; cannot compute AUC")
-    return float(np.mean(aucs))
-
-
-def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> MMoEModel:
+def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> MMoE:
     meta = {**ctr_meta(snapshot), "tasks": list(TASKS)}
     module, history = train_ctr(
         snapshot,
@@ -180,4 +188,4 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
         metric=mean_task_auc,
         metric_name="mean_auc",
     )
-    return MMoEModel(config, module, meta, history)
+    return MMoE(config, module, meta, history)

@@ -1,4 +1,5 @@
-"""User-user collaborative filtering (memory-based): ``user_knn`` (rating) and ``user_knn_topk`` (topk).
+"""User-user collaborative filtering (memory-based), task ``rating``, and what it shares with
+``user_knn_topk`` (``models/user_knn_topk.py``): the neighbour fields and the similarity.
 
 Similarity between users u and v, over the items both rated (I_uv), from ratings centred by
 each user's train mean (``c_ui = r_ui - mean_u``), shrunk by support (Koren 2008):
@@ -26,14 +27,6 @@ mu + b_i (the global mean for an unknown item too); clipped to the rating range.
 Scorer (ONNX): the standard ``user_idx [B]``, ``item_idx [B] -> rating [B]``. The train
 ratings live in the graph as CSR buffers (``models.neighbours.NeighbourRows``, values stored
 as ``r_vi - base_v(i)``); each neighbour's cell is found by binary search of its sorted row.
-
-``user_knn_topk``: ``scores_u = sum_{v in N(u)} sim(u,v) R_v`` over binary interactions
-(``values = "binary"``, default) or mean-centred ratings (``"centred"``), read with
-``NeighbourRows``; unknown user -> train popularity, column 0 = -1e9 (``UserTopKScorer``).
-Binary is the default: top-K asks "will u interact with i", and a neighbour who watched i
-and rated it below their mean is still evidence of that; centred votes push such items down
-(test NDCG@10 on the default synthetic snapshot: binary 0.191, centred 0.126,
-popularity 0.163).
 """
 
 from __future__ import annotations
@@ -41,18 +34,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from common.metrics import ranking_metrics, rmse
-from models.base import ExportSpec, Task, TensorSpec, TrainedModel, user_topk_spec
+from common.metrics import rmse
+from models.base import ExportSpec, Task, TensorSpec, TrainedModel
+from models.config import config_family
 from models.data import Snapshot
 from models.item_knn import centred_matrix
-from models.layers import UserTopKScorer
 from models.neighbours import NeighbourRows
 from models.train import format_row, history_row
 
@@ -63,9 +55,8 @@ SIMILARITIES = ("cosine", "pearson")
 # --- configs ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NeighbourConfig:
-    """The neighbour fields user_knn and user_knn_topk share; each subclass sets FAMILY."""
+    """The neighbour fields user_knn and user_knn_topk share (errors name the family)."""
 
-    FAMILY: ClassVar[str] = "user_knn"
     # 50 neighbours: the common user-kNN setting on MovieLens (Herlocker et al. 1999 found
     # 20-60 best; Surprise/LensKit use 40-50); more only adds weakly similar users.
     k: int = 50
@@ -79,21 +70,19 @@ class NeighbourConfig:
     block_size: int = 128
 
     def __post_init__(self):
+        family = config_family(type(self))
         if self.k < 1:
-            raise ValueError(f"{self.FAMILY}: k must be >= 1, got {self.k}")
+            raise ValueError(f"{family}: k must be >= 1, got {self.k}")
         if self.shrink < 0:
-            raise ValueError(f"{self.FAMILY}: shrink must be >= 0, got {self.shrink}")
+            raise ValueError(f"{family}: shrink must be >= 0, got {self.shrink}")
         if self.similarity not in SIMILARITIES:
-            raise ValueError(
-                f"{self.FAMILY}: similarity must be one of {SIMILARITIES}, got {self.similarity!r}"
-            )
+            raise ValueError(f"{family}: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.block_size < 1:
-            raise ValueError(f"{self.FAMILY}: block_size must be >= 1, got {self.block_size}")
+            raise ValueError(f"{family}: block_size must be >= 1, got {self.block_size}")
 
 
 @dataclass(frozen=True)
 class Config(NeighbourConfig):
-    FAMILY: ClassVar[str] = "user_knn"  # models.config names errors after it
     # "seed" (mean-centred formula) or "baseline" (kNNBaseline): see the module docstring.
     prediction: str = "seed"
     # Damping of the baseline's item and user biases (pseudo-ratings at the global mean),
@@ -111,28 +100,6 @@ class Config(NeighbourConfig):
             raise ValueError(f"user_knn: item_damping and user_damping must be >= 0, got {self}")
         if self.eval_batch < 1:
             raise ValueError(f"user_knn: eval_batch must be >= 1, got {self.eval_batch}")
-
-
-@dataclass(frozen=True)
-class TopKConfig(NeighbourConfig):
-    FAMILY: ClassVar[str] = "user_knn_topk"  # models.config names errors after it
-    # What a neighbour's row votes with: "binary" (default, docstring) or "centred" ratings.
-    values: str = "binary"
-    # Train-row cells the graph gathers per user per scatter step: each step reads
-    # s = budget // max_row neighbours' rows (max_row = the longest train row), so a call
-    # holds ~ batch * budget * 20 bytes (256 users: ~170 MB) whatever the data. Small data
-    # reads all k in one step; ML-1M (max_row 2.3k) takes 4 steps. Each step is unrolled in
-    # the graph (~1 s of export time each), hence no smaller default.
-    gather_budget: int = 32768
-    # Valid users ranked for the history row's NDCG@10 (full ranking costs n_items each).
-    eval_users: int = 1000
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.values not in ("binary", "centred"):
-            raise ValueError(f"user_knn_topk: values must be 'binary' or 'centred', got {self.values!r}")
-        if self.gather_budget < 1 or self.eval_users < 1:
-            raise ValueError(f"user_knn_topk: gather_budget and eval_users must be >= 1, got {self}")
 
 
 # --- similarity ---------------------------------------------------------------------------
@@ -349,7 +316,8 @@ def predict(model: UserKNN, user_idx: np.ndarray, item_idx: np.ndarray, batch: i
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def _train(snapshot: Snapshot, family: str) -> tuple[sp.csr_matrix, int]:
+def train_ratings(snapshot: Snapshot, family: str) -> tuple[sp.csr_matrix, int]:
+    """The train ratings (users x items CSR) and their count; refuses an empty train split."""
     train = snapshot.train_matrix("rating")
     if train.nnz == 0:
         raise ValueError(f"{snapshot.path}: empty train split; {family} needs train ratings")
@@ -358,7 +326,7 @@ def _train(snapshot: Snapshot, family: str) -> tuple[sp.csr_matrix, int]:
 
 def fit(snapshot: Snapshot, config: Config, log: Log = print) -> UserKNN:
     start = time.perf_counter()
-    train, n_rows = _train(snapshot, "user_knn")
+    train, n_rows = train_ratings(snapshot, "user_knn")
     lo, hi = (float(x) for x in snapshot.meta.get("rating_range", (train.data.min(), train.data.max())))
     nbr_idx, nbr_sim = user_similarity_topk(
         train, config.k, config.shrink, config.similarity, config.block_size
@@ -393,96 +361,5 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> UserKNN:
     model.history = [row]
     log(
         format_row("user_knn", row) + f"  (k={nbr_idx.shape[1]}, shrink={config.shrink}, {config.similarity})"
-    )
-    return model
-
-
-# --- top-K --------------------------------------------------------------------------------
-class UserKNNTopKScorer(UserTopKScorer):
-    def __init__(self, n_users: int, n_items: int, k: int, nnz: int, max_row: int, slots_per_step: int):
-        super().__init__(n_users, n_items)
-        self.rows = NeighbourRows(n_users, n_items, nnz, max_row, slots_per_step)
-        self.register_buffer("nbr_idx", torch.zeros(n_users, k, dtype=torch.int64))
-        self.register_buffer("nbr_sim", torch.zeros(n_users, k))
-
-    def all_scores(self, u: torch.Tensor) -> torch.Tensor:
-        return self.rows(self.nbr_idx[u], self.nbr_sim[u])
-
-
-class UserKNNTopK(TrainedModel):
-    family = "user_knn_topk"
-    task = Task.TOPK
-    config_cls = TopKConfig
-
-    @classmethod
-    def build_module(cls, config: TopKConfig, meta: dict) -> nn.Module:
-        return UserKNNTopKScorer(
-            meta["n_users"], meta["n_items"], meta["k"], meta["nnz"], meta["max_row"], meta["slots_per_step"]
-        )
-
-    def export_spec(self) -> ExportSpec:
-        c = self.config
-        return user_topk_spec(
-            self.meta,
-            f"scores = sum over the user's k={self.meta['k']} neighbours of sim * their train row "
-            f"({c.values}), read {self.meta['slots_per_step']} neighbours per step; memory per call ~ "
-            f"batch * {self.meta['slots_per_step']} * {self.meta['max_row']} (longest train row) * 20 bytes",
-        )
-
-
-def topk_values(train: sp.csr_matrix, values: str) -> sp.csr_matrix:
-    """The rows neighbours vote with: 1 per interaction, or the mean-centred rating."""
-    if values == "binary":
-        ones = train.tocsr(copy=True).astype(np.float32)
-        ones.data = np.ones_like(ones.data)
-        return ones
-    return centred_matrix(train)[0]
-
-
-def _valid_ndcg(model: UserKNNTopK, snapshot: Snapshot, train: sp.csr_matrix, n_users: int) -> float | None:
-    valid = snapshot.ratings("valid")
-    keep = (valid.user_idx > 0) & (valid.item_idx > 0)
-    relevant = sp.csr_matrix(
-        (np.ones(int(keep.sum())), (valid.user_idx[keep], valid.item_idx[keep])),
-        shape=(snapshot.n_users, snapshot.n_items),
-    )
-    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    if not len(users):
-        return None
-    users = np.sort(np.random.default_rng(0).choice(users, size=min(n_users, len(users)), replace=False))
-    with torch.no_grad():
-        scores = np.concatenate(
-            [model.score(users[lo : lo + 256]).numpy() for lo in range(0, len(users), 256)]
-        )
-    return ranking_metrics(scores, train, users, relevant)["ndcg@10"]
-
-
-def fit_topk(snapshot: Snapshot, config: TopKConfig, log: Log = print) -> UserKNNTopK:
-    start = time.perf_counter()
-    train, n_rows = _train(snapshot, "user_knn_topk")
-    nbr_idx, nbr_sim = user_similarity_topk(
-        train, config.k, config.shrink, config.similarity, config.block_size
-    )
-    rows = NeighbourRows.from_csr(topk_values(train, config.values))
-    k = int(nbr_idx.shape[1])
-    meta = {
-        **rows.meta(),
-        "k": k,
-        "slots_per_step": min(k, max(1, config.gather_budget // max(rows.max_row, 1))),
-    }
-    module = UserKNNTopK.build_module(config, meta)
-    module.rows.load_state_dict(rows.state_dict())
-    module.nbr_idx.copy_(torch.from_numpy(nbr_idx))
-    module.nbr_sim.copy_(torch.from_numpy(nbr_sim))
-    pop = snapshot.item_popularity().astype(np.float64)
-    pop[0] = 0.0
-    module.popularity.copy_(torch.from_numpy((pop / max(pop.max(), 1.0)).astype(np.float32)))
-    model = UserKNNTopK(config, module, meta)
-    metric = _valid_ndcg(model, snapshot, train, config.eval_users)
-    row = history_row(1, None, metric, "ndcg@10", n_rows, time.perf_counter() - start)
-    model.history = [row]
-    log(
-        format_row("user_knn_topk", row)
-        + f"  (k={nbr_idx.shape[1]}, shrink={config.shrink}, {config.values})"
     )
     return model

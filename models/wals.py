@@ -40,6 +40,7 @@ from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import UserTopKScorer
+from models.topk import popularity
 from models.train import format_row, history_row
 
 
@@ -233,10 +234,9 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
                 log(f"[wals] early stop: no better valid_ndcg@10 for {config.patience} iterations")
                 break
     u, v = best_uv
-    pop = snapshot.item_popularity().astype(np.float64)
     module = WALSScorer(n_users, n_items, config.dim)
     module.user_factors.copy_(torch.from_numpy(u.astype(np.float32)))
     module.item_factors.copy_(torch.from_numpy(v.astype(np.float32)))
-    module.popularity.copy_(torch.from_numpy((pop / max(pop.max(), 1.0)).astype(np.float32)))
+    module.popularity.copy_(popularity(snapshot))
     meta = {"n_users": n_users, "n_items": n_items}
     return WALS(config, module, meta, history)

@@ -66,14 +66,14 @@ def test_one_adam_step_lowers_the_loss_on_a_fixed_batch(snapshot):
     cfg = cdae.Config(unknown_rate=0.0)
     torch.manual_seed(0)
     module = cdae.CDAE.build_module(cfg, {"n_users": snapshot.n_users, "n_items": snapshot.n_items})
-    batch = cdae.training_batch(snapshot, cfg, rows=16)
+    batch = cdae.CDAE.training_batch(snapshot, cfg, rows=16)
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    before = cdae.loss_fn(module, batch, cfg)
+    before = cdae.CDAE.loss(module, batch, cfg)
     opt.zero_grad()
     before.backward()
     opt.step()
     with torch.no_grad():
-        assert cdae.loss_fn(module, batch, cfg).item() < before.item()
+        assert cdae.CDAE.loss(module, batch, cfg).item() < before.item()
 
 
 def test_batch_corrupts_observed_items_and_samples_unseen_negatives(snapshot):

@@ -13,7 +13,7 @@ from test_models import write_tiny_snapshot
 
 from export.family_export import export_family
 from export.parity import parity_gate
-from models import dcn, wide_deep
+from models import dcn, dcn_parallel, dcn_stacked, wide_deep
 from models.catalogue import FAMILIES
 from models.config import parse_config
 from models.data import Snapshot
@@ -57,7 +57,7 @@ def test_dcn_stacked_and_parallel_structures_differ_as_in_the_paper():
     sparse = torch.tensor([[1, 2, 0], [4, 6, 2], [0, 0, 0]])
     dense = torch.randn(3, 2)
     dim = 3 * 4 + 2
-    stacked, parallel = _dcn(dcn.StackedConfig), _dcn(dcn.ParallelConfig)
+    stacked, parallel = _dcn(dcn_stacked.Config), _dcn(dcn_parallel.Config)
     with torch.no_grad():
         x0 = stacked.stem(sparse, dense)
         assert x0.shape == (3, dim)
@@ -70,8 +70,8 @@ def test_dcn_stacked_and_parallel_structures_differ_as_in_the_paper():
         assert parallel.deep.net[0].in_features == dim and parallel.head.in_features == dim + 6
         want = parallel.head(torch.cat([parallel.cross(x0), parallel.deep(x0)], 1)).squeeze(-1)
         torch.testing.assert_close(parallel(sparse, dense), want)
-    assert FAMILIES["dcn_stacked"].config_cls is dcn.StackedConfig
-    assert FAMILIES["dcn_parallel"].config_cls is dcn.ParallelConfig
+    assert FAMILIES["dcn_stacked"].config_cls is dcn_stacked.Config
+    assert FAMILIES["dcn_parallel"].config_cls is dcn_parallel.Config
 
 
 def test_dot_interaction_equals_explicit_pairwise_dots():

@@ -127,16 +127,16 @@ def test_unknown_user_gets_train_popularity(model, snapshot):
 @pytest.mark.parametrize("unobserved", M.UNOBSERVED)
 def test_one_optimisation_step_lowers_the_loss(model, snapshot, unobserved):
     config = parse_config(M.Config, {"unobserved": unobserved})
-    batch = M.training_batch(snapshot, config, 128)
+    batch = M.MFImplicit.training_batch(snapshot, config, 128)
     assert batch[-1].shape == (128, config.n_negatives)
     torch.manual_seed(0)
     module = M.MFImplicitScorer(snapshot.n_users, snapshot.n_items, config.dim, config.init_std)
     opt = torch.optim.SGD(module.parameters(), lr=1e-2)
-    before = M.loss_fn(module, batch, config)
+    before = M.MFImplicit.loss(module, batch, config)
     opt.zero_grad()
     before.backward()
     opt.step()
-    assert M.loss_fn(module, batch, config).item() < before.item()
+    assert M.MFImplicit.loss(module, batch, config).item() < before.item()
 
 
 def test_save_load_round_trip_and_determinism(model, snapshot, tmp_path):

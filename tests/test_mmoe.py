@@ -96,13 +96,13 @@ def test_loss_is_the_weighted_sum_of_the_task_losses(model, snap_dir):
     snap = Snapshot(snap_dir)
     m = model.scorer()
     base = parse_config(mmoe.Config, {"unknown_rate": 0.0, "embedding_reg": 0.0})
-    batch = mmoe.training_batch(snap, base, 64)
+    batch = mmoe.MMoE.training_batch(snap, base, 64)
     with torch.no_grad():
         logits = m(batch[0], batch[1])
         bce = [nn.functional.binary_cross_entropy_with_logits(logits[:, t], batch[2][:, t]) for t in (0, 1)]
-        both = mmoe.loss_fn(m, batch, base)
-        like_only = mmoe.loss_fn(m, batch, dataclasses.replace(base, task_weights=(1.0, 0.0)))
-        weighted = mmoe.loss_fn(m, batch, dataclasses.replace(base, task_weights=(1.0, 3.0)))
+        both = mmoe.MMoE.loss(m, batch, base)
+        like_only = mmoe.MMoE.loss(m, batch, dataclasses.replace(base, task_weights=(1.0, 0.0)))
+        weighted = mmoe.MMoE.loss(m, batch, dataclasses.replace(base, task_weights=(1.0, 3.0)))
     torch.testing.assert_close(both, bce[0] + bce[1])
     torch.testing.assert_close(like_only, bce[0])
     torch.testing.assert_close(weighted, bce[0] + 3 * bce[1])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 
@@ -149,25 +148,42 @@ def fitted(snapshot):
     yield get
 
 
-def snapshot_inputs(model, snapshot: Snapshot) -> tuple[torch.Tensor, ...]:
-    """Scorer inputs built from the snapshot's test rows, per task / family."""
+def _ctr_inputs(snapshot: Snapshot, model, history: bool) -> tuple[torch.Tensor, ...]:
+    c = snapshot.ctr("test", max_history=model.meta["max_history"] if history else 1)
+    arrays = (c.sparse, c.dense, c.history) if history else (c.sparse, c.dense)
+    return tuple(torch.from_numpy(a) for a in arrays)
+
+
+def _history_inputs(snapshot: Snapshot, model) -> tuple[torch.Tensor, ...]:
     te = snapshot.ratings("test")
-    if model.family == "item_knn":
-        hist, hr = item_knn.history_arrays(snapshot.train_matrix(), te.user_idx)
-        return torch.from_numpy(te.item_idx), torch.from_numpy(hist), torch.from_numpy(hr)
-    if model.task is Task.RATING:
-        return torch.from_numpy(te.user_idx), torch.from_numpy(te.item_idx)
-    if model.family == "cdae":  # user_idx plus the user's train item vector
-        users = np.unique(te.user_idx)
-        items = cdae.user_item_rows(cdae.binary_train_matrix(snapshot), users)
-        return torch.from_numpy(users), torch.from_numpy(items)
-    if model.task is Task.TOPK:
-        return (torch.from_numpy(np.unique(te.user_idx)),)
-    if "history" in [t.name for t in model.export_spec().inputs]:  # din, bst: plus the behaviour history
-        c = snapshot.ctr("test", max_history=model.meta["max_history"])
-        return torch.from_numpy(c.sparse), torch.from_numpy(c.dense), torch.from_numpy(c.history)
-    c = snapshot.ctr("test", max_history=1)
-    return torch.from_numpy(c.sparse), torch.from_numpy(c.dense)
+    hist, hr = item_knn.history_arrays(snapshot.train_matrix(), te.user_idx)
+    return torch.from_numpy(te.item_idx), torch.from_numpy(hist), torch.from_numpy(hr)
+
+
+def _user_items_inputs(snapshot: Snapshot, model) -> tuple[torch.Tensor, ...]:
+    users = np.unique(snapshot.ratings("test").user_idx)
+    items = cdae.user_item_rows(cdae.binary_train_matrix(snapshot), users)
+    return torch.from_numpy(users), torch.from_numpy(items)
+
+
+# Scorer inputs built from the snapshot's test rows, by the scorer's input names (the contracts
+# of docs/MODEL_API.md), so a new family with a known signature needs nothing here.
+SNAPSHOT_INPUTS = {
+    ("user_idx", "item_idx"): lambda s, m: tuple(
+        torch.from_numpy(a) for a in (s.ratings("test").user_idx, s.ratings("test").item_idx)
+    ),
+    ("item_idx", "hist_item_idx", "hist_rating"): _history_inputs,
+    ("user_idx",): lambda s, m: (torch.from_numpy(np.unique(s.ratings("test").user_idx)),),
+    ("user_idx", "user_items"): _user_items_inputs,
+    ("sparse", "dense"): lambda s, m: _ctr_inputs(s, m, history=False),
+    ("sparse", "dense", "history"): lambda s, m: _ctr_inputs(s, m, history=True),
+}
+
+
+def snapshot_inputs(model, snapshot: Snapshot) -> tuple[torch.Tensor, ...]:
+    names = tuple(t.name for t in model.export_spec().inputs)
+    assert names in SNAPSHOT_INPUTS, f"{model.family}: no test inputs for scorer inputs {names}"
+    return SNAPSHOT_INPUTS[names](snapshot, model)
 
 
 def check_outputs(model, inputs, out: torch.Tensor):
@@ -190,9 +206,12 @@ def check_outputs(model, inputs, out: torch.Tensor):
 def test_registry_lines_are_consistent():
     for name, fam in FAMILIES.items():
         assert fam.name == name and isinstance(fam.task, Task)
-        module = importlib.import_module(fam.fit.__module__)
-        # one family per module, or several each with its own Config naming it (models/ncf.py)
-        assert fam.config_cls is getattr(module, "Config", None) or fam.config_cls.FAMILY == name
+        # one family per module models/<name>.py: its Config, its fit, its model class
+        assert fam.fit.__module__ == fam.config_cls.__module__ == fam.model.__module__ == f"models.{name}"
+        assert fam.model.family == name and fam.model.config_cls is fam.config_cls
+        assert fam.load == fam.model.load and fam.upstream == fam.model.upstream
+        # the loss hooks come in pairs: both (gradient-trained) or neither (memory-based)
+        assert (fam.model.loss is None) == (fam.model.training_batch is None), name
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -220,55 +239,42 @@ def test_scorer_shapes_on_example_and_snapshot(name, fitted, snapshot):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_unknown_index_zero_follows_documented_fallback(name, fitted):
+def test_unknown_index_zero_follows_documented_fallback(name, fitted, snapshot):
     model = fitted(name)
     spec = model.export_spec()
-    zeros = tuple(
-        torch.zeros_like(x) if x.dtype == torch.int64 else torch.zeros_like(x) for x in spec.example_inputs
-    )
+    zeros = tuple(torch.zeros_like(x) for x in spec.example_inputs)
     with torch.no_grad():
         out = model.scorer()(*zeros)
     check_outputs(model, zeros, out)
     m = model.scorer()
-    if name == "mf_sgd":  # unknown user -> mu + b_i; both unknown -> mu
-        assert torch.allclose(out, m.global_mean.clamp(1, 5).expand_as(out))
-        item = torch.tensor([3, 3])
-        got = m(torch.tensor([0, 0]), item)
-        assert torch.allclose(got, (m.global_mean + m.item_bias.weight[3, 0]).clamp(1, 5).expand(2))
-    if name == "item_knn":  # no history, unknown item -> global mean
-        assert torch.allclose(out, torch.tensor(model.meta["global_mean"]).expand_as(out))
-    if name == "wals":  # unknown user -> train popularity
+    if model.task is Task.TOPK:  # unknown user (with an empty item vector) -> train popularity
         assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
-    if name == "cdae":  # unknown user with an empty item vector -> train popularity
-        assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
-    if name == "emb_knn":  # unknown user -> train popularity (no neighbours to ask)
-        assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
-    if name == "user_knn":  # unknown user and item -> global mean; unknown user -> damped item mean
-        assert torch.allclose(out, torch.tensor(model.meta["global_mean"]).expand_as(out))
-        got = m(torch.tensor([0, 0]), torch.tensor([3, 3]))
-        assert torch.allclose(got, m.item_fallback[3].clamp(1, 5).expand(2))
-    if name == "user_knn_topk":  # unknown user -> train popularity
-        assert torch.equal(out[:, 1:], m.popularity[1:].expand(len(out), -1))
+    if model.task is Task.RATING:  # nothing known -> the train mean, clipped to the rating range
+        lo, hi = model.meta["rating_range"]
+        mean = float(np.clip(snapshot.ratings("train").rating.mean(), lo, hi))
+        assert torch.allclose(out, torch.tensor(mean, dtype=out.dtype).expand_as(out))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_one_optimisation_step_lowers_the_loss(name, fitted, snapshot):
-    family_module = importlib.import_module(FAMILIES[name].fit.__module__)
+    hooks = FAMILIES[name].model
     model = fitted(name)
-    if not list(model.scorer().parameters()):
+    # gradient-trained families, and only they, expose the loss they are fitted with
+    assert (hooks.loss is None) == (not list(model.scorer().parameters()))
+    if hooks.loss is None:
         pytest.skip(f"{name} is not trained by gradient descent")
     torch.manual_seed(0)
     module = copy.deepcopy(model.module).eval()  # eval: dropout off, so the loss is a fixed function
     config = model.config
     if hasattr(config, "unknown_rate"):
         config = parse_config(type(config), {"unknown_rate": 0.0})
-    batch = family_module.training_batch(snapshot, config, 128)
+    batch = hooks.training_batch(snapshot, config, 128)
     opt = torch.optim.SGD(module.parameters(), lr=1e-2)
-    before = family_module.loss_fn(module, batch, config)
+    before = hooks.loss(module, batch, config)
     opt.zero_grad()
     before.backward()
     opt.step()
-    after = family_module.loss_fn(module, batch, config)
+    after = hooks.loss(module, batch, config)
     assert after.item() < before.item()
 
 
@@ -415,6 +421,21 @@ def test_wals_sweep_lowers_the_weighted_objective():
 
 
 # --- mf_sgd / deepfm / metrics ------------------------------------------------------------
+def test_mf_sgd_unknown_user_gets_mean_plus_item_bias(fitted):
+    m = fitted("mf_sgd").scorer()
+    item = torch.tensor([3, 3])
+    with torch.no_grad():
+        got = m(torch.tensor([0, 0]), item)
+        assert torch.allclose(got, (m.global_mean + m.item_bias.weight[3, 0]).clamp(1, 5).expand(2))
+
+
+def test_user_knn_unknown_user_gets_damped_item_mean(fitted):
+    m = fitted("user_knn").scorer()
+    with torch.no_grad():
+        got = m(torch.tensor([0, 0]), torch.tensor([3, 3]))
+    assert torch.allclose(got, m.item_fallback[3].clamp(1, 5).expand(2))
+
+
 def test_mf_sgd_beats_the_global_mean(fitted, snapshot):
     model = fitted("mf_sgd")
     te, tr = snapshot.ratings("test"), snapshot.ratings("train")

@@ -7,13 +7,17 @@ import pytest
 import torch
 from test_models import write_tiny_snapshot
 
-from models import ncf
-from models.base import TOPK
+from models import ncf, topk
+from models.base import TOPK, Task
+from models.catalogue import FAMILIES as CATALOGUE
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
+from models.gmf import GMFModule
+from models.ncf_mlp import MLPModule
+from models.neumf import NeuMFModule, init_from_pretrained
 
 FAST = {"epochs": 2, "eval_users": 20}
-FAMILIES = sorted(ncf.FAMILIES_IN_FILE)
+FAMILIES = ["gmf", "ncf_mlp", "neumf"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ _FITTED: dict[str, object] = {}
 
 
 def fast_config(name: str):
-    cfg_cls = ncf.FAMILIES_IN_FILE[name][0]
+    cfg_cls = CATALOGUE[name].config_cls
     extra = {"pretrain_epochs": 2} if name == "neumf" else {}
     return parse_config(cfg_cls, FAST | extra)
 
@@ -34,8 +38,7 @@ def fast_config(name: str):
 def fitted(snapshot):
     def get(name: str):
         if name not in _FITTED:
-            _, fit, _ = ncf.FAMILIES_IN_FILE[name]
-            _FITTED[name] = fit(snapshot, fast_config(name), lambda _: None)
+            _FITTED[name] = CATALOGUE[name].fit(snapshot, fast_config(name), lambda _: None)
         return _FITTED[name]
 
     return get
@@ -44,7 +47,7 @@ def fitted(snapshot):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_scorer_shapes_dtypes_and_padding(name, fitted, snapshot):
     model = fitted(name)
-    assert model.family == name and model.task is ncf.Task.TOPK
+    assert model.family == name and model.task is Task.TOPK
     spec = model.export_spec()
     assert [t.name for t in spec.inputs] == ["user_idx"] and spec.topk == TOPK
     users = torch.arange(0, snapshot.n_users + 3)  # includes unknown 0 and out-of-range ids
@@ -84,18 +87,18 @@ def test_pair_logits_match_full_scores(name, fitted, snapshot):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_one_optimisation_step_lowers_the_loss(name, snapshot):
     cfg = fast_config(name)
-    model_cls = ncf.FAMILIES_IN_FILE[name][2]
+    model_cls = CATALOGUE[name].model
     torch.manual_seed(0)
     module = model_cls.build_module(cfg, {"n_users": snapshot.n_users, "n_items": snapshot.n_items}).train()
-    batch = ncf.training_batch(snapshot, cfg)
+    batch = model_cls.training_batch(snapshot, cfg)
     assert len(batch[0]) == 256 * (1 + cfg.negatives)
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    before = ncf.loss_fn(module, batch)
+    before = model_cls.loss(module, batch, cfg)
     opt.zero_grad()
     before.backward()
     opt.step()
     with torch.no_grad():
-        after = ncf.loss_fn(module, batch)
+        after = model_cls.loss(module, batch, cfg)
     assert after.item() < before.item()
 
 
@@ -103,7 +106,7 @@ def test_one_optimisation_step_lowers_the_loss(name, snapshot):
 def test_save_load_round_trip_gives_identical_scores(name, fitted, snapshot, tmp_path):
     model = fitted(name)
     model.save(tmp_path / name)
-    loaded = ncf.FAMILIES_IN_FILE[name][2].load(tmp_path / name)
+    loaded = CATALOGUE[name].load(tmp_path / name)
     assert loaded.config == model.config and loaded.meta == model.meta
     users = torch.arange(0, snapshot.n_users)
     with torch.no_grad():
@@ -113,14 +116,14 @@ def test_save_load_round_trip_gives_identical_scores(name, fitted, snapshot, tmp
 def test_neumf_initialises_from_pretrained_halves(snapshot):
     n_u, n_i = snapshot.n_users, snapshot.n_items
     torch.manual_seed(1)
-    gmf = ncf.GMFModule(n_u, n_i, 8)
-    mlp = ncf.MLPModule(n_u, n_i, 6, (12, 4))
+    gmf = GMFModule(n_u, n_i, 8)
+    mlp = MLPModule(n_u, n_i, 6, (12, 4))
     for m in (gmf, mlp):
         with torch.no_grad():
             m.predict.bias.fill_(float(torch.randn(())))
         m.popularity.copy_(torch.rand(n_i))
-    neumf = ncf.NeuMFModule(n_u, n_i, 8, 6, (12, 4))
-    ncf.init_from_pretrained(neumf, gmf, mlp, alpha=0.5)
+    neumf = NeuMFModule(n_u, n_i, 8, 6, (12, 4))
+    init_from_pretrained(neumf, gmf, mlp, alpha=0.5)
     assert torch.equal(neumf.gmf_user.weight, gmf.user.weight)
     assert torch.equal(neumf.gmf_item.weight, gmf.item.weight)
     for (k, a), (k2, b) in zip(neumf.tower.state_dict().items(), mlp.tower.state_dict().items()):
@@ -144,7 +147,7 @@ def test_neumf_fit_with_pretraining_records_it(fitted):
 
 def test_negative_sampler_never_returns_a_train_positive(snapshot):
     users, items = ncf.train_pairs(snapshot)
-    sampler = ncf.NegativeSampler(users, items, snapshot.n_items, seed=3)
+    sampler = topk.NegativeSampler(users, items, snapshot.n_items, seed=3)
     # many draws per user, on a catalogue where each user saw ~half the items
     batch_users = np.repeat(np.unique(users), 50)
     neg = sampler.sample(batch_users, 4)
@@ -160,14 +163,16 @@ def test_negative_sampler_handles_users_who_saw_almost_everything():
     n_items = 6
     users = np.repeat([1, 2], [4, 1])
     items = np.array([1, 2, 3, 4, 1])  # user 1 has only item 5 left
-    neg = ncf.NegativeSampler(users, items, n_items, seed=0, max_rounds=0).sample(np.array([1] * 20), 3)
+    neg = topk.NegativeSampler(users, items, n_items, seed=0, max_rounds=0).sample(np.array([1] * 20), 3)
     assert (neg == 5).all()
 
 
-@pytest.mark.parametrize(("cfg_cls", "field"), [(ncf.GMFConfig, "dim"), (ncf.MLPConfig, "hidden")])
+@pytest.mark.parametrize(
+    ("cfg_cls", "field"), [(CATALOGUE["gmf"].config_cls, "dim"), (CATALOGUE["ncf_mlp"].config_cls, "hidden")]
+)
 def test_config_unknown_field_is_rejected(cfg_cls, field):
     with pytest.raises(ConfigError, match=r"unknown config field 'dimm'.*allowed fields") as e:
         parse_config(cfg_cls, {"dimm": 8})
     assert field in str(e.value)
     with pytest.raises(ConfigError, match="finetune_optimizer"):
-        parse_config(ncf.NeuMFConfig, {"finetune_optimizer": "rmsprop"})
+        parse_config(CATALOGUE["neumf"].config_cls, {"finetune_optimizer": "rmsprop"})

@@ -11,11 +11,9 @@ import torch
 from test_models import write_tiny_snapshot
 
 from export.family_export import export_family
-from models import bst, din
+from models import din
 from models.catalogue import FAMILIES
 from models.data import Snapshot
-
-FAMILY_MODULES = {"din": din, "bst": bst}
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +23,11 @@ def snapshot(tmp_path_factory) -> Snapshot:
 
 def build(name: str, snapshot: Snapshot, seed: int = 0, **overrides):
     """An untrained scorer in eval mode (random weights: masking does not depend on training)."""
-    module = FAMILY_MODULES[name]
-    config = module.Config(**overrides)
+    family = FAMILIES[name]
+    config = family.config_cls(**overrides)
     meta = din.sequence_meta(snapshot, config)
     torch.manual_seed(seed)
-    cls = din.DIN if name == "din" else bst.BST
-    return cls.build_module(config, meta).eval(), config
+    return family.model.build_module(config, meta).eval(), config
 
 
 def rows(snapshot: Snapshot, length: int, n: int = 12):

@@ -11,7 +11,7 @@ from test_models import write_tiny_snapshot
 from export.family_export import export_family
 from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec
 from export.parity import parity_gate, standard_cases
-from models import user_knn
+from models import user_knn, user_knn_topk
 from models.catalogue import FAMILIES
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
@@ -180,12 +180,12 @@ def test_seed_formula_by_hand():
 # --- top-K ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("values", ["binary", "centred"])
 def test_topk_scores_equal_numpy_reference(snapshot, values):
-    model = user_knn.fit_topk(
-        snapshot, user_knn.TopKConfig(k=6, values=values, gather_budget=40), lambda _: None
+    model = user_knn_topk.fit(
+        snapshot, user_knn_topk.Config(k=6, values=values, gather_budget=40), lambda _: None
     )
     assert model.meta["slots_per_step"] < model.meta["k"]  # several unrolled steps are exercised
     m = model.scorer()
-    votes = user_knn.topk_values(snapshot.train_matrix(), values).toarray()
+    votes = user_knn_topk.topk_values(snapshot.train_matrix(), values).toarray()
     users = np.array([0, 1, 2, 5, 17, snapshot.n_users - 1, snapshot.n_users + 3])
     with torch.no_grad():
         got = m(torch.from_numpy(users)).numpy()
@@ -231,6 +231,6 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="similarity"):
         user_knn.Config(similarity="jaccard")
     with pytest.raises(ValueError, match="values"):
-        user_knn.TopKConfig(values="ratings")
+        user_knn_topk.Config(values="ratings")
     with pytest.raises(ConfigError, match="user_knn_topk"):
-        parse_config(user_knn.TopKConfig, {"prediction": "seed"})
+        parse_config(user_knn_topk.Config, {"prediction": "seed"})
