@@ -187,8 +187,8 @@ def test_export_writes_similar_items_graph_parity_signature_and_upstream_lineage
 
 
 def test_factory_wires_every_upstream_model_asset():
-    from orchestration.assets.families import UpstreamModels
     from orchestration.definitions import defs
+    from pipeline.steps import UpstreamModels
 
     graph = defs.resolve_asset_graph()
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("model_emb_knn")).parent_keys}
@@ -202,7 +202,7 @@ def test_factory_wires_every_upstream_model_asset():
 
 
 def test_factory_upstream_models_load_only_what_fit_reads(snapshot, tmp_path):
-    from orchestration.assets.families import UpstreamModels
+    from pipeline.steps import UpstreamModels
 
     upstream_model("wals", snapshot).save(tmp_path / "wals" / "run-a" / "model")
     lazy = UpstreamModels({"wals": str(tmp_path / "wals" / "run-a" / "model"), "gmf": "/not/read"})

@@ -13,8 +13,13 @@ from test_models import write_tiny_snapshot
 from torch import nn
 
 from common.metrics import MAIN_METRIC, evaluate_ctr
-from evaluation.evaluate import evaluate_baselines, evaluate_onnx, leaderboard_records
-from evaluation.leaderboard import leaderboard_markdown, leaderboard_png, write_leaderboard_json
+from evaluation.evaluate import evaluate_baselines, evaluate_onnx
+from evaluation.leaderboard import (
+    leaderboard_markdown,
+    leaderboard_png,
+    leaderboard_records,
+    write_leaderboard_json,
+)
 from export.family_export import export_family
 from export.registry import bless
 from models import mmoe

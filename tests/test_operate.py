@@ -38,8 +38,8 @@ import pytest
 from dagster_processes import dagster_env, start_dagster_daemon, start_dagster_webserver
 
 from export.registry import REQUIRED_FILES, current_version
-from pipeline.reuse import StepCache, model_key_parts, reuse_key, snapshot_key
 from orchestration.cli import DAGSTER_YAML
+from pipeline.reuse import StepCache, model_key_parts, reuse_key, snapshot_key
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE = "orchestration.definitions"
