@@ -169,34 +169,17 @@ def _torch_export(
         # absent); the checks below are the real verdict, so keep test and asset logs readable.
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            torch.onnx.export(
-                scorer,
-                args,
-                str(tmp),
-                input_names=input_names,
-                output_names=output_names,
-                opset_version=OPSET,
-                dynamo=True,
-                dynamic_shapes=_dynamic_shapes(spec),
-                external_data=False,
-                verbose=False,
-            )
+            options = {"dynamo": True, "dynamic_shapes": _dynamic_shapes(spec), "external_data": False,
+                       "verbose": False}  # fmt: skip
         else:
             # Legacy TorchScript tracing: only for a family whose forward uses an op that
             # torch.export cannot capture or onnxscript cannot translate, but that has a
             # TorchScript symbolic (or a torch.jit.ScriptModule scorer). Tracing records
             # one path through Python control flow, so such a forward must be branch-free on
             # data; the parity gate's unknown-id / history cases are what catch a wrong trace.
-            torch.onnx.export(
-                scorer,
-                args,
-                str(tmp),
-                input_names=input_names,
-                output_names=output_names,
-                opset_version=OPSET,
-                dynamo=False,
-                dynamic_axes=_dynamic_axes(spec),
-            )
+            options = {"dynamo": False, "dynamic_axes": _dynamic_axes(spec)}
+        torch.onnx.export(scorer, args, str(tmp), input_names=input_names, output_names=output_names,
+                          opset_version=OPSET, **options)  # fmt: skip
 
 
 def _validate(model: onnx.ModelProto, spec: ExportSpecLike, path: Path) -> None:
