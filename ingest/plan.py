@@ -6,13 +6,11 @@ import shutil
 from pathlib import Path
 
 from common.io import wrapped_storage_error
+from ingest.guards import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, SourceError
 from ingest.layouts import (
     INTERACTION_FIELDS,
     ITEM_FIELDS,
-    MAX_LINE_BYTES,
-    MAX_UNPACKED_BYTES,
     USER_FIELDS,
-    SourceError,
     SourcePlan,
     TableSource,
     files_plan,

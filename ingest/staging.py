@@ -1,0 +1,219 @@
+"""Stage one raw table's files as a candidate relation in DuckDB: one row per line (or parquet
+row) with its file and line number, and every line DuckDB cannot parse quarantined with its
+reason instead of failing the read. Whole-file faults raise :class:`SourceError`.
+
+No Dagster import: this is plain Python, testable alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from common.io import StorageError, wrapped_storage_error
+from ingest.guards import SourceError, check_text_file, read_header, short_error
+from ingest.layouts import TableSource
+
+
+def _duckdb_storage_error(exc: BaseException, path: Path | str, kept: str) -> StorageError | None:
+    """A :class:`StorageError` when ``exc`` is DuckDB failing to write (disk full, read-only,
+    not permitted), else None."""
+    return wrapped_storage_error(exc, path, kept)
+
+
+def _q(value: object) -> str:
+    return str(value).replace("'", "''")
+
+
+# ----------------------------------------------------------------- staging candidates
+
+
+def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line_bytes: int) -> None:
+    """Create relation ``name`` with source_file, source_row, problem and one column per field."""
+    fields = list(src.fields)
+    if src.reader == "parquet":
+        files = ", ".join(f"'{_q(f)}'" for f in src.files)
+        cols = ", ".join(f"{src.fields[c]} AS {c}" for c in fields)
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT filename AS source_file, "
+                f"file_row_number + 1 AS source_row, NULL::VARCHAR AS problem, {cols} "
+                f"FROM read_parquet([{files}], filename = true, file_row_number = true, "
+                "union_by_name = true)"
+            )
+            con.execute(f"SELECT count(*) FROM {name}").fetchone()  # reads every footer now
+        except duckdb.Error as exc:
+            about_input = any(str(f) in str(exc) for f in src.files)
+            if _duckdb_storage_error(exc, "", "") is not None and not about_input:
+                raise  # the warehouse's disk, not the input file: ingest() explains it
+            raise SourceError(
+                f"The {src.table} parquet files {[str(f) for f in src.files]} cannot be read "
+                f"({short_error(exc)}); re-export the damaged file."
+            ) from exc
+        return
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {name} (source_file VARCHAR, source_row BIGINT, "
+        f"problem VARCHAR, {', '.join(f'{c} VARCHAR' for c in fields)})"
+    )
+    for path in src.files:
+        # Whole-file faults first, in Python: DuckDB would buffer a 2 GB line whole.
+        check_text_file(path, max_line_bytes, src.encoding)
+        try:
+            if src.reader == "lines":
+                _stage_lines(con, src, path, name, max_line_bytes)
+            else:
+                _stage_csv(con, src, path, name, max_line_bytes)
+        except duckdb.Error as exc:
+            if _duckdb_storage_error(exc, "", "") is not None and str(path) not in str(exc):
+                raise  # the warehouse's disk, not the input file: ingest() explains it
+            raise SourceError(
+                f"{path} cannot be read as the {src.table} file of this layout ({short_error(exc)}). "
+                "Check its encoding and delimiter."
+            ) from exc
+
+
+def _read_options(src: TableSource, max_line_bytes: int) -> str:
+    """read_csv options shared by both text readers: no sniffing, every unparsable line
+    goes to the temp table ``_rejects`` (with its line number) instead of failing the read."""
+    # DuckDB counts the line break in a record's size; the Python check bounds lines already.
+    return (
+        f"auto_detect = false, encoding = '{src.encoding}', max_line_size = {max_line_bytes + 2}, "
+        "store_rejects = true, rejects_table = '_rejects', rejects_scan = '_rejects_scan'"
+    )
+
+
+def _fresh_rejects(con) -> None:
+    con.execute("DROP TABLE IF EXISTS _rejects")
+    con.execute("DROP TABLE IF EXISTS _rejects_scan")
+
+
+def _reject_reason(src: TableSource, max_line_bytes: int) -> str:
+    """SQL: the reason of a line DuckDB rejected, from ``_rejects``' error_type."""
+    if src.reader == "lines":  # one column split on chr(1): more columns = a \x01 byte in the line
+        fields = "'contains a \\x01 control byte (binary data?)'"
+    else:
+        fields = "'wrong number of fields (' || first(error_message) || ')'"
+    return (
+        "CASE first(error_type) "
+        f"WHEN 'LINE SIZE OVER MAXIMUM' THEN 'row longer than {max_line_bytes} bytes "
+        "(RECSYS_MAX_LINE_BYTES)' "
+        f"WHEN 'INVALID ENCODING' THEN 'not valid {src.encoding} text (wrong file encoding? "
+        "re-encode it, or set RECSYS_FILES_ENCODING for csv/tsv files)' "
+        f"WHEN 'TOO MANY COLUMNS' THEN {fields} WHEN 'MISSING COLUMNS' THEN {fields} "
+        "WHEN 'UNQUOTED VALUE' THEN 'unterminated or stray quote' "
+        "ELSE 'malformed line: ' || first(error_message) END"
+    )
+
+
+def _numbered(con, relation: str, before: int) -> str:
+    """SQL: ``relation`` with ``_recsys_line``, the line number of each accepted row.
+
+    DuckDB skipped the lines in ``_rejects`` (numbered from 1, counting ``before`` lines
+    ahead of the rows, e.g. a header), so the k-th accepted row is on line
+    ``before + k + (lines rejected ahead of it)``. With the rejected lines L_1 < L_2 < ...,
+    ``L_i - before - i`` rows were accepted ahead of L_i, so an ASOF join finds the count.
+    """
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _shift AS SELECT acc_before, max(n) AS n FROM ("
+        f"SELECT line - {before} - row_number() OVER (ORDER BY line) AS acc_before, "
+        "row_number() OVER (ORDER BY line) AS n FROM (SELECT DISTINCT line FROM _rejects)) "
+        "GROUP BY acc_before"
+    )
+    # Odd names: the relation's own columns are the file's, whatever they are called.
+    return (
+        f"(SELECT r.* EXCLUDE (_recsys_k), {before} + r._recsys_k + coalesce(s.n, 0) AS _recsys_line "
+        f"FROM (SELECT *, rowid + 1 AS _recsys_k FROM {relation}) r "
+        "ASOF LEFT JOIN _shift s ON r._recsys_k > s.acc_before)"
+    )
+
+
+def _insert_rejected_lines(con, src: TableSource, path: Path, name: str, max_line_bytes: int,
+                           skip_line: int = 0) -> None:  # fmt: skip
+    nulls = ", ".join("NULL" for _ in src.fields)
+    con.execute(
+        f"INSERT INTO {name} SELECT '{_q(path)}', line, {_reject_reason(src, max_line_bytes)}, {nulls} "
+        f"FROM _rejects WHERE line <> {skip_line} GROUP BY line"
+    )
+
+
+def _stage_lines(con, src: TableSource, path: Path, name: str, max_line_bytes: int) -> None:
+    # Every physical line becomes one row so a malformed line keeps its exact number.
+    _fresh_rejects(con)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _lines_read AS SELECT rtrim(line, chr(13)) AS line "
+        f"FROM read_csv('{_q(path)}', columns = {{'line': 'VARCHAR'}}, header = false, "
+        f"delim = chr(1), quote = '', escape = '', {_read_options(src, max_line_bytes)})"
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _lines AS SELECT * FROM {_numbered(con, '_lines_read', 0)}")
+    if src.header:
+        bad = con.execute(
+            f"SELECT {_reject_reason(src, max_line_bytes)} FROM _rejects WHERE line = 1 GROUP BY line"
+        ).fetchone()
+        first = con.execute("SELECT line FROM _lines WHERE _recsys_line = 1").fetchone()
+        got = tuple((first[0] or "").split(src.delim)) if first else ()
+        if bad is not None or got[: len(src.header_names)] != src.header_names:
+            shown = f"an unreadable line ({bad[0]})" if bad else (
+                f"header {first[0]!r}" if first else "(empty file)")  # fmt: skip
+            raise SourceError(
+                f"{path} starts with {shown}; "
+                f"expected {src.delim.join(src.header_names)!r}."
+            )
+    delim_name = {"\t": "tab", ",": "','", "|": "'|'", "::": "'::'"}.get(src.delim, repr(src.delim))
+    cols = ", ".join(src.fields[c] for c in src.fields)
+    con.execute(
+        f"INSERT INTO {name} SELECT '{_q(path)}', _recsys_line, "
+        f"CASE WHEN line IS NULL OR trim(line) = '' THEN 'empty line' "
+        f"WHEN len(parts) <> {src.n_fields} THEN 'expected {src.n_fields} fields separated by "
+        f"{_q(delim_name)}, found ' || len(parts) END, {cols} "
+        f"FROM (SELECT _recsys_line, line, string_split(line, '{_q(src.delim)}') AS parts FROM _lines) "
+        f"{'WHERE _recsys_line > 1' if src.header else ''}"
+    )
+    _insert_rejected_lines(con, src, path, name, max_line_bytes, skip_line=1 if src.header else 0)
+
+
+def _stage_csv(con, src: TableSource, path: Path, name: str, max_line_bytes: int) -> None:
+    # The header is read by us and the columns given to DuckDB: no sniffing, so a damaged
+    # row (a truncated last line, a stray quote, a non-UTF-8 byte) is one rejected row, not
+    # a failed read of the whole file.
+    header = read_header(path, src.delim, src.encoding, max_line_bytes)
+    columns = ", ".join(f"'{_q(c)}': 'VARCHAR'" for c in header)
+    _fresh_rejects(con)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _csv AS SELECT * FROM read_csv('{_q(path)}', "
+        f"columns = {{{columns}}}, header = true, delim = '{_q(src.delim)}', quote = '\"', "
+        f"escape = '\"', {_read_options(src, max_line_bytes)})"
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _csv_numbered AS SELECT * FROM {_numbered(con, '_csv', 1)}")
+    _refuse_multiline_records(con, path, header)
+    cols = ", ".join(src.fields[c] for c in src.fields)
+    con.execute(f"INSERT INTO {name} SELECT '{_q(path)}', _recsys_line, NULL, {cols} FROM _csv_numbered")
+    _insert_rejected_lines(con, src, path, name, max_line_bytes)
+
+
+def _refuse_multiline_records(con, path: Path, header: list[str]) -> None:
+    """A quoted field may not contain a line break. An unclosed quote otherwise makes DuckDB
+    read every following line (up to the next quote, or the end of the file) into one field,
+    and those rows would vanish behind one rejected record: a silently smaller table. No
+    field of these tables holds a line break, so a record that spans lines is a fault, and
+    refusing it keeps every line number exact."""
+    quoted = ['"' + c.replace('"', '""') + '"' for c in header]
+    newline_in = " OR ".join(f"contains({c}, chr(10))" for c in quoted)
+    rejected = con.execute(
+        "SELECT line, length(csv_line) - length(replace(csv_line, chr(10), '')) "
+        "- CASE WHEN suffix(csv_line, chr(10)) THEN 1 ELSE 0 END FROM _rejects "
+        "WHERE contains(csv_line, chr(10)) ORDER BY line LIMIT 1"
+    ).fetchone()
+    accepted = con.execute(
+        f"SELECT _recsys_line FROM _csv_numbered WHERE {newline_in} ORDER BY 1 LIMIT 1"
+    ).fetchone()
+    starts = [r[0] for r in (rejected, accepted) if r]
+    if not starts:
+        return
+    line = min(starts)
+    extra = f" (the next {rejected[1]} lines)" if rejected and rejected[0] == line else ""
+    raise SourceError(
+        f"{path}: line {line} opens a quoted field that runs over its line break{extra}, so the "
+        f"lines after it would be read as part of one field and lost. Fix the quoting on line "
+        f"{line} (an unclosed quote?); fields may not contain line breaks."
+    )

@@ -1,0 +1,207 @@
+"""The validation rules in SQL: typed columns, the reason each candidate row is rejected (the
+first rule that fails, in the order :mod:`ingest.loader` lists), and the ``raw.*__new`` /
+``raw.rejected_*__new`` tables they fill.
+
+No Dagster import: this is plain Python, testable alone.
+"""
+
+from __future__ import annotations
+
+from ingest.guards import SourceError
+from ingest.layouts import TableSource
+from ingest.staging import _stage
+
+# 1970-01-01 .. 2100-01-01: anything outside is almost surely milliseconds or garbage.
+MAX_TS = 4_102_444_800
+_INT_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+              "UINTEGER", "UBIGINT")  # fmt: skip
+_FLOAT_TYPES = ("FLOAT", "DOUBLE", "REAL")
+
+
+# ----------------------------------------------------------------- typed expressions
+
+
+def _types(con, relation: str) -> dict[str, str]:
+    rows = con.execute(f"DESCRIBE {relation}").fetchall()
+    return {r[0]: r[1].upper() for r in rows}
+
+
+def _as_int(col: str, typ: str) -> str:
+    if typ in _INT_TYPES:
+        return f"TRY_CAST({col} AS BIGINT)"
+    if typ in _FLOAT_TYPES:  # ids written as floats (pandas with NaN) are fine when integral
+        return f"CASE WHEN {col} = trunc({col}) THEN TRY_CAST({col} AS BIGINT) END"
+    return (
+        f"CASE WHEN regexp_full_match(trim({col}), '[+]?[0-9]{{1,18}}(\\.0+)?') "
+        f"THEN TRY_CAST(TRY_CAST(trim({col}) AS DECIMAL(18, 0)) AS BIGINT) END"
+    )
+
+
+def _as_float(col: str, typ: str) -> str:
+    if typ in _INT_TYPES or typ in _FLOAT_TYPES or typ.startswith("DECIMAL"):
+        return f"TRY_CAST({col} AS DOUBLE)"
+    return f"TRY_CAST(trim({col}) AS DOUBLE)"
+
+
+def _as_unix_seconds(col: str, typ: str) -> str:
+    if typ in _INT_TYPES:
+        return f"TRY_CAST({col} AS BIGINT)"
+    if typ in _FLOAT_TYPES:
+        return f"CASE WHEN {col} = trunc({col}) THEN TRY_CAST({col} AS BIGINT) END"
+    if typ.startswith("TIMESTAMP") or typ == "DATE":
+        return f"TRY_CAST(epoch({col}) AS BIGINT)"
+    return (
+        f"CASE WHEN regexp_full_match(trim({col}), '[0-9]{{1,18}}') THEN TRY_CAST(trim({col}) AS BIGINT) "
+        f"ELSE TRY_CAST(epoch(TRY_CAST(trim({col}) AS TIMESTAMPTZ)) AS BIGINT) END"
+    )
+
+
+def _as_text(col: str, typ: str) -> str:
+    return f"NULLIF(trim(CAST({col} AS VARCHAR)), '')"
+
+
+# ----------------------------------------------------------------- validation per table
+
+
+def _load_entities(con, src: TableSource | None, table: str, id_col: str, max_line_bytes: int) -> None:
+    """users/items: stage, validate ids, normalise features into raw.<table>__new."""
+    new, rej = f"raw.{table}__new", f"raw.rejected_{table}__new"
+    if src is None:
+        return
+    _stage(con, src, f"cand_{table}", max_line_bytes)
+    t = _types(con, f"cand_{table}")
+    fields = [c for c in src.fields]
+    record = " || '|' || ".join(f"coalesce(CAST({c} AS VARCHAR), '')" for c in fields)
+    if table == "users":
+        features = (
+            f"CASE WHEN upper(left(trim(CAST(gender AS VARCHAR)), 1)) IN ('M', 'F') "
+            f"THEN upper(left(trim(CAST(gender AS VARCHAR)), 1)) END AS gender, "
+            f"TRY_CAST({_as_int('age', t['age'])} AS INTEGER) AS age, "
+            f"{_as_text('occupation', t['occupation'])} AS occupation, "
+            f"{_as_text('zip_code', t['zip_code'])} AS zip_code"
+        )
+    else:
+        features = (
+            f"{_as_text('title', t['title'])} AS title, "
+            f"CASE WHEN TRY_CAST({_as_int('year', t['year'])} AS INTEGER) BETWEEN 1800 AND 2100 "
+            f"THEN TRY_CAST({_as_int('year', t['year'])} AS INTEGER) END AS year, "
+            f"{_as_text('genres', t['genres'])} AS genres"
+        )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE checked_{table} AS
+        WITH typed AS (
+            SELECT source_file, source_row, problem, {record} AS record,
+                   {_as_int(id_col, t[id_col])} AS {id_col}, {features}
+            FROM cand_{table}
+        ), first_pass AS (
+            SELECT *, CASE
+                WHEN problem IS NOT NULL THEN problem
+                WHEN {id_col} IS NULL THEN '{id_col} is missing or not a non-negative integer'
+            END AS reason
+            FROM typed
+        )
+        SELECT * EXCLUDE (reason), coalesce(reason, CASE WHEN row_number() OVER (
+                PARTITION BY {id_col}, reason IS NULL ORDER BY source_file, source_row) > 1
+            THEN 'duplicate {id_col} (an earlier row has the same id)' END) AS reason
+        FROM first_pass
+        """
+    )
+    keep = (
+        "user_id, gender, age, occupation, zip_code" if table == "users" else ("item_id, title, year, genres")
+    )
+    con.execute(f"CREATE TABLE {new} AS SELECT {keep} FROM checked_{table} WHERE reason IS NULL")
+    con.execute(
+        f"CREATE TABLE {rej} AS SELECT source_file, source_row, record, reason "
+        f"FROM checked_{table} WHERE reason IS NOT NULL"
+    )
+    kept = con.execute(f"SELECT count(*) FROM {new}").fetchone()[0]
+    if kept == 0:
+        # Every interaction would then be rejected as "not in the {table} table": say why here.
+        n_rejected = con.execute(f"SELECT count(*) FROM {rej}").fetchone()[0]
+        reasons = dict(
+            con.execute(f"SELECT reason, count(*) FROM {rej} GROUP BY 1 ORDER BY 2 DESC LIMIT 5").fetchall()
+        )
+        raise SourceError(
+            f"No row of the {table} file {[str(f) for f in src.files]} passed validation "
+            f"({n_rejected} rejected: {reasons}). Fix or replace that file; the previous "
+            "raw tables are kept."
+        )
+
+
+def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool, max_line_bytes: int) -> None:
+    _stage(con, src, "cand_interactions", max_line_bytes)
+    t = _types(con, "cand_interactions")
+    unknown_user = (
+        "WHEN user_id NOT IN (SELECT user_id FROM raw.users__new) THEN 'user_id not in the users table' "
+        if has_users
+        else ""
+    )
+    unknown_item = (
+        "WHEN item_id NOT IN (SELECT item_id FROM raw.items__new) THEN 'item_id not in the items table' "
+        if has_items
+        else ""
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE checked_interactions AS
+        WITH typed AS (
+            SELECT source_file, source_row, problem,
+                   CAST(user_id_raw AS VARCHAR) AS raw_user_id,
+                   CAST(item_id_raw AS VARCHAR) AS raw_item_id,
+                   CAST(rating_raw AS VARCHAR) AS raw_rating,
+                   CAST(ts_raw AS VARCHAR) AS raw_timestamp,
+                   {_as_int("user_id_raw", t["user_id"])} AS user_id,
+                   {_as_int("item_id_raw", t["item_id"])} AS item_id,
+                   {_as_float("rating_raw", t["rating"])} AS rating,
+                   {_as_unix_seconds("ts_raw", t["timestamp"])} AS ts
+            FROM (SELECT * RENAME (user_id AS user_id_raw, item_id AS item_id_raw,
+                                   rating AS rating_raw, timestamp AS ts_raw)
+                  FROM cand_interactions)
+        ), first_pass AS (
+            SELECT *, CASE
+                WHEN problem IS NOT NULL THEN problem
+                WHEN user_id IS NULL THEN 'user_id is missing or not a non-negative integer'
+                WHEN item_id IS NULL THEN 'item_id is missing or not a non-negative integer'
+                WHEN rating IS NULL OR NOT isfinite(rating) THEN 'rating is missing or not a number'
+                WHEN rating < 0.5 OR rating > 5 THEN 'rating outside 0.5..5'
+                WHEN ts IS NULL THEN 'timestamp is missing or not unix seconds / ISO-8601'
+                WHEN ts < 0 OR ts > {MAX_TS} THEN 'timestamp outside 1970..2100 (expected unix seconds)'
+                {unknown_user}{unknown_item}
+            END AS reason
+            FROM typed
+        )
+        SELECT * EXCLUDE (reason), coalesce(reason, CASE WHEN row_number() OVER (
+                PARTITION BY user_id, item_id, ts, reason IS NULL
+                ORDER BY source_file, source_row) > 1
+            THEN 'duplicate of an earlier row (same user_id, item_id, timestamp)' END) AS reason
+        FROM first_pass
+        """
+    )
+    con.execute(
+        "CREATE TABLE raw.interactions__new AS SELECT user_id, item_id, rating, ts, "
+        "source_file, source_row FROM checked_interactions WHERE reason IS NULL"
+    )
+    con.execute(
+        "CREATE TABLE raw.rejected_interactions__new AS SELECT source_file, source_row, "
+        "raw_user_id AS user_id, raw_item_id AS item_id, raw_rating AS rating, "
+        "raw_timestamp AS ts, reason FROM checked_interactions WHERE reason IS NOT NULL"
+    )
+
+
+def _derive_entities(con, table: str, id_col: str) -> None:
+    """Layouts without a users/items table: one featureless row per id seen."""
+    cols = (
+        "NULL::VARCHAR AS gender, NULL::INTEGER AS age, NULL::VARCHAR AS occupation, "
+        "NULL::VARCHAR AS zip_code"
+        if table == "users"
+        else "NULL::VARCHAR AS title, NULL::INTEGER AS year, NULL::VARCHAR AS genres"
+    )
+    con.execute(
+        f"CREATE TABLE raw.{table}__new AS SELECT DISTINCT {id_col}, {cols} "
+        f"FROM raw.interactions__new ORDER BY {id_col}"
+    )
+    con.execute(
+        f"CREATE TABLE raw.rejected_{table}__new (source_file VARCHAR, source_row BIGINT, "
+        "record VARCHAR, reason VARCHAR)"
+    )
