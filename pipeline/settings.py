@@ -40,7 +40,7 @@ DBT_PROJECT_DIR = REPO_ROOT / "transforms"
 SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
-# The input guards' defaults (reasons beside them in ingest/layouts.py):
+# The input guards' defaults (reasons beside them in ingest/guards.py):
 # 1 MiB per text line, 8 GiB unpacked per MovieLens zip.
 DEFAULT_MAX_LINE_BYTES = MAX_LINE_BYTES
 DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
