@@ -30,6 +30,10 @@ TABLES = {
     "user_stats": "SELECT * FROM main.user_stats ORDER BY user_idx",
     "item_stats": "SELECT * FROM main.item_stats ORDER BY item_idx",
 }
+# The dbt vars the marts were built with (one row). Read into meta.json, never hashed into
+# the fingerprint: the fingerprint is the marts' content, the leaderboard's data version.
+BUILD_INFO = "mart_build_info"
+BUILD_INFO_COLUMNS = ("split", "valid_frac", "test_frac", "split_seed", "history_len")
 
 
 def marts_fingerprint(con: duckdb.DuckDBPyConnection) -> str:
@@ -52,12 +56,25 @@ def require_marts(con: duckdb.DuckDBPyConnection) -> None:
         r[0]
         for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
     }
-    missing = [t for t in TABLES if t not in present]
+    missing = [t for t in (*TABLES, BUILD_INFO) if t not in present]
     if missing:
         raise MissingMartError(
             f"The warehouse has no mart {', '.join(missing)} (schema main): materialise the dbt "
             "assets (the `marts` group, or the whole graph with `recsys run`) before training."
         )
+
+
+def read_build_info(con: duckdb.DuckDBPyConnection) -> dict[str, object] | None:
+    """The one row of ``main.mart_build_info`` as a dict, or None when dbt has not built it."""
+    present = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = ?", [BUILD_INFO]
+    ).fetchone()[0]
+    if not present:
+        return None
+    rows = con.execute(f"SELECT {', '.join(BUILD_INFO_COLUMNS)} FROM main.{BUILD_INFO}").fetchall()
+    if len(rows) != 1:
+        raise ValueError(f"main.{BUILD_INFO} must hold one row, it holds {len(rows)}: rebuild it with dbt.")
+    return dict(zip(BUILD_INFO_COLUMNS, rows[0], strict=True))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,16 +105,33 @@ def sweep_dead_temp_folders(root: Path) -> list[Path]:
     return removed
 
 
+def _add_build_info(meta_path: Path, build_info: dict[str, object]) -> None:
+    """Give a snapshot written before ``build_info`` existed the build's vars (same marts)."""
+    meta = json.loads(meta_path.read_text())
+    if "build_info" in meta:
+        return
+    meta.update(build_info=build_info, split=build_info["split"], history_len=build_info["history_len"])
+    tmp = meta_path.with_name(f".meta.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
+
+
 def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict | None = None) -> Path:
     """Write ``root/<fingerprint>/`` atomically (temp folder, then rename); reuse it if present.
 
-    Temp folders left by a writer that was killed are removed first.
+    Temp folders left by a writer that was killed are removed first. ``meta.json`` records
+    the dbt vars of the build as ``build_info`` (from ``main.mart_build_info``) and its
+    ``split`` and ``history_len`` at the top level; they win over ``extra_meta``.
     """
     require_marts(con)
+    build_info = read_build_info(con)
+    if build_info is None:  # require_marts has checked; a concurrent drop is all that is left
+        raise MissingMartError(f"The warehouse has no mart {BUILD_INFO}: rebuild the dbt assets.")
     sweep_dead_temp_folders(root)
     fingerprint = marts_fingerprint(con)
     final = root / fingerprint
     if (final / "meta.json").exists():
+        _add_build_info(final / "meta.json", build_info)
         return final
     tmp = root / f".{fingerprint}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +162,9 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict 
         "rating_range": [float(rating_min), float(rating_max)],
         "max_history_len": int(history_len or 0),
         **(extra_meta or {}),
+        "build_info": build_info,
+        "split": build_info["split"],
+        "history_len": build_info["history_len"],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     try:

@@ -95,3 +95,46 @@ def test_temp_folders_of_killed_writers_are_swept(tmp_path):
         (folder / "fct_ratings.parquet").write_bytes(b"half")
     assert sweep_dead_temp_folders(tmp_path) == [stale]
     assert not stale.exists() and live.is_dir() and other.is_dir()
+
+
+def test_build_info_is_the_one_row_dbt_wrote(tmp_path):
+    from pipeline.snapshot import read_build_info
+
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    assert read_build_info(con) is None
+    con.execute(
+        "CREATE TABLE main.mart_build_info AS SELECT 'leave_last_out' AS split, 0.1::DOUBLE AS valid_frac, "
+        "0.2::DOUBLE AS test_frac, 7::BIGINT AS split_seed, 30 AS history_len"
+    )
+    assert read_build_info(con) == {
+        "split": "leave_last_out", "valid_frac": 0.1, "test_frac": 0.2, "split_seed": 7, "history_len": 30,
+    }  # fmt: skip
+    con.execute("INSERT INTO main.mart_build_info SELECT * FROM main.mart_build_info")
+    with pytest.raises(ValueError, match="one row"):
+        read_build_info(con)
+
+
+def test_snapshot_needs_the_build_info(tmp_path):
+    from pipeline.snapshot import TABLES
+
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    for table in TABLES:
+        con.execute(f"CREATE TABLE main.{table} (event_id BIGINT)")
+    with pytest.raises(MissingMartError, match=r"mart_build_info.*materialise the dbt"):
+        write_snapshot(con, tmp_path / "snapshots")
+
+
+def test_a_snapshot_from_before_build_info_gains_it(tmp_path):
+    import json
+
+    from pipeline.snapshot import _add_build_info
+
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"fingerprint": "f", "split": "temporal", "history_len": 50}))
+    info = {"split": "stratified", "valid_frac": 0.1, "test_frac": 0.1, "split_seed": 3, "history_len": 20}
+    _add_build_info(meta, info)
+    written = json.loads(meta.read_text())
+    assert written["build_info"] == info and written["split"] == "stratified" and written["history_len"] == 20
+    _add_build_info(meta, {**info, "split": "temporal"})  # content-addressed: the first label stays
+    assert json.loads(meta.read_text())["split"] == "stratified"
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]

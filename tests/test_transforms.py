@@ -56,6 +56,8 @@ def test_dbt_build_every_split(ml100k_warehouse, tmp_path, split):
 
     con = duckdb.connect(str(ml100k_warehouse), read_only=True)
     try:
+        # The build records the vars it used; downstream reads the split from here.
+        assert con.execute("SELECT split, history_len FROM mart_build_info").fetchall() == [(split, 50)]
         # Independent of the dbt tests: recompute the leakage rules in Python.
         rows = con.execute(
             "SELECT r.user_id, r.ts, r.split, c.history_item_idx FROM fct_ratings r "

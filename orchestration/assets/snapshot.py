@@ -8,7 +8,7 @@ from export.lineage import dbt_lineage, file_sha256
 from orchestration.assets.contracts import MARTS
 from orchestration.resources import WarehouseResource
 from pipeline.settings import DBT_PROJECT_DIR, load_settings
-from pipeline.snapshot import write_snapshot
+from pipeline.snapshot import BUILD_INFO, write_snapshot
 
 RAW_ASSETS = ("raw_interactions", "raw_users", "raw_items")
 
@@ -23,7 +23,7 @@ def _latest_data_versions(instance: dg.DagsterInstance, keys) -> dict[str, str |
 
 @dg.asset(
     group_name="train",
-    deps=[dg.AssetKey(m) for m in MARTS],
+    deps=[dg.AssetKey(m) for m in (*MARTS, BUILD_INFO)],
     kinds={"duckdb", "parquet"},
     code_version="snapshot-v1",
     pool="duckdb_warehouse",
@@ -32,15 +32,15 @@ def _latest_data_versions(instance: dg.DagsterInstance, keys) -> dict[str, str |
     description=(
         "The marts frozen into parquet + meta.json under `$RECSYS_HOME/snapshots/<fingerprint>/`: "
         "every family trains and is evaluated on exactly these rows, without holding the "
-        "DuckDB file. Data version = content hash of the marts."
+        "DuckDB file. Data version = content hash of the marts. The split and the other dbt "
+        "vars are read from `mart_build_info` (meta.json `build_info`)."
     ),
 )
 def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
     settings = load_settings()
     manifest = DBT_PROJECT_DIR / "target" / "manifest.json"
+    # The split and history_len come from the warehouse (mart_build_info), as dbt built them.
     extra = {
-        "split": settings.split,
-        "history_len": settings.history_len,
         "dbt_manifest_sha256": file_sha256(manifest) if manifest.exists() else None,
         "dbt_models": dbt_lineage(manifest, MARTS),
         "upstream": _latest_data_versions(context.instance, RAW_ASSETS + MARTS),
@@ -59,5 +59,3 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
             "split": str(meta.get("split")),
         },
     )
-
-
