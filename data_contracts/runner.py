@@ -83,6 +83,9 @@ class ContractResult:
     outcomes: list[ExpectationOutcome]
     # Rows GX saw when the table was larger than ``max_rows`` (a seeded sample); None = all.
     sampled_rows: int | None = None
+    # Expectations not run because a relation their parameters read is not built yet
+    # (``skip_unbuilt_upstream``), as "expectation (column): needs relation".
+    skipped: tuple[str, ...] = ()
 
     def failed(self) -> list[ExpectationOutcome]:
         return [o for o in self.outcomes if not o.success]
@@ -100,7 +103,8 @@ class ContractResult:
         lines = [
             f"**{self.suite}** on `{self.relation}` {status}: {self.n_rows} rows"
             + (f" (per-row rules on a sample of {self.sampled_rows})" if self.sampled_rows else "")
-            + f", {len(failed)} of {len(self.outcomes)} expectations failed.",
+            + f", {len(failed)} of {len(self.outcomes)} expectations failed."
+            + (f" Not run, upstream not built yet: {'; '.join(self.skipped)}." if self.skipped else ""),
             "",
             "| | expectation | column | observed | sample bad values |",
             "|---|---|---|---|---|",
@@ -144,17 +148,23 @@ def run_suite(
     name: str,
     parameters: dict | None = None,
     max_rows: int | None = None,
+    skip_unbuilt_upstream: bool = False,
 ) -> ContractResult:
     """Validate the suite's relation; ``parameters`` override the suite's parameters.
 
     Keys the suite does not use are ignored, so one dict can serve every suite.
     Raises ContractError (MissingRelationError) when the suite cannot run; a suite that
     runs reports every failure, including expectations that raised, as a failed outcome.
+    With ``skip_unbuilt_upstream``, an expectation whose parameter reads a relation that
+    does not exist yet (a partial build) is not run and is listed in ``skipped`` instead;
+    the suite's own relation must still exist.
     """
     suite = load_suite(name)
     meta = suite["meta"]
     relation = meta["relation"]
     _require_relations(con, [relation])
+    unbuilt = _unbuilt_parameters(con, suite, parameters or {}) if skip_unbuilt_upstream else {}
+    suite, skipped = _without_parameters(suite, unbuilt)
     values = _resolve_parameters(con, suite, parameters or {})
     if max_rows is None:
         max_rows = int(os.environ.get("RECSYS_CONTRACT_MAX_ROWS") or DEFAULT_MAX_ROWS)
@@ -179,7 +189,48 @@ def run_suite(
         n_rows=n_rows,
         outcomes=outcomes,
         sampled_rows=len(frame) if sampled else None,
+        skipped=tuple(skipped),
     )
+
+
+def _unbuilt_parameters(con: duckdb.DuckDBPyConnection, suite: dict, overrides: dict) -> dict[str, str]:
+    """Parameters computed by SQL over a relation that does not exist: name -> relation."""
+    unbuilt = {}
+    for name, sql in suite["meta"].get("parameters", {}).items():
+        if name in overrides:
+            continue
+        for relation in _relations_in(con, sql):
+            try:
+                _require_relations(con, [relation])
+            except MissingRelationError:
+                unbuilt[name] = relation
+                break
+    return unbuilt
+
+
+def _without_parameters(suite: dict, unbuilt: dict[str, str]) -> tuple[dict, list[str]]:
+    """The suite minus expectations that use an unbuilt parameter, and what was left out."""
+    if not unbuilt:
+        return suite, []
+    kept, skipped = [], []
+    for expectation in suite["expectations"]:
+        used = [
+            v["$PARAMETER"]
+            for v in expectation["kwargs"].values()
+            if isinstance(v, dict) and "$PARAMETER" in v
+        ]
+        missing = sorted({unbuilt[p] for p in used if p in unbuilt})
+        if missing:
+            column = expectation["kwargs"].get("column")
+            label = expectation["type"] + (f" ({column})" if column else "")
+            skipped.append(f"{label}: needs {', '.join(missing)}")
+        else:
+            kept.append(expectation)
+    meta = {
+        **suite["meta"],
+        "parameters": {k: v for k, v in suite["meta"].get("parameters", {}).items() if k not in unbuilt},
+    }
+    return {**suite, "expectations": kept, "meta": meta}, skipped
 
 
 def _row_count_outcome(expectation: dict, n_rows: int, values: dict) -> ExpectationOutcome:

@@ -433,3 +433,37 @@ def test_sampled_run_still_catches_a_broken_column(con: duckdb.DuckDBPyConnectio
     con.execute("UPDATE fct_ratings SET rating = 9")
     result = run_suite(con, "fct_ratings", max_rows=50)
     assert failing(result, "expect_column_values_to_be_between", "rating").unexpected_count == 50
+
+
+def test_unbuilt_upstream_of_a_parameter_is_skipped_on_request(con: duckdb.DuckDBPyConnection) -> None:
+    # A partial build on a fresh warehouse: dim_users exists, fct_ratings does not yet.
+    con.execute("DROP TABLE fct_ctr_samples")
+    con.execute("DROP TABLE fct_ratings")
+    with pytest.raises(MissingRelationError, match=r"main\.fct_ratings"):
+        run_suite(con, "dim_users")
+    result = run_suite(con, "dim_users", skip_unbuilt_upstream=True)
+    assert result.success
+    assert result.skipped and all("needs main.fct_ratings" in s for s in result.skipped)
+    assert "expect_table_row_count_to_equal" in " ".join(result.skipped)
+    assert "Not run, upstream not built yet" in result.to_markdown()
+    assert run_suite(con, "dim_items", skip_unbuilt_upstream=True).success
+
+
+def test_contract_bounds_follow_the_split_dbt_built() -> None:
+    from orchestration.assets.contracts import contract_parameters
+    from pipeline.settings import load_settings
+
+    settings = load_settings({"RECSYS_SPLIT": "temporal"})
+    built = {
+        "split": "leave_last_out",
+        "valid_frac": 0.1,
+        "test_frac": 0.1,
+        "split_seed": 42,
+        "history_len": 20,
+    }
+    params = contract_parameters(settings, built)
+    assert "min_holdout_frac" not in params and params["history_len"] == 20
+    temporal = contract_parameters(settings, {**built, "split": "temporal", "test_frac": 0.2})
+    assert temporal["min_holdout_frac"] == pytest.approx(0.05)
+    assert temporal["max_holdout_frac"] == pytest.approx(0.45)
+    assert "min_holdout_frac" not in contract_parameters(settings)  # not built: the suites' own bounds

@@ -5,7 +5,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from dagster_dbt import (
 )
 
 from orchestration.resources import WarehouseResource
+from pipeline.dbt_selection import SubsetSelection, subset_selection
 from pipeline.settings import DBT_PROJECT_DIR, SPLITS, load_settings
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
@@ -104,36 +106,74 @@ def transforms(
         raise dg.Failure(f"run config split={split!r} is not one of {', '.join(SPLITS)}.")
     export_dbt_env()
     dbt_vars = settings.dbt_vars(split)
+    subset = _subset_selection(context, settings.warehouse)
     context.log.info(f"dbt build with vars {dbt_vars}")
-    invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context, raise_on_error=False)
-    # Held back until dbt has exited: the row counts below need the warehouse file, which
-    # the dbt process holds open while it runs (DuckDB: one process at a time).
-    events = list(invocation.stream())
+    with _indirect_selection(subset.indirect_selection):
+        invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars), *subset.args()], context=context,
+                             raise_on_error=False)  # fmt: skip
+        # Held back until dbt has exited: the row counts below need the warehouse file, which
+        # the dbt process holds open while it runs (DuckDB: one process at a time).
+        events = list(invocation.stream())
     counts = _row_counts(warehouse, events) if invocation.is_successful() else {}
+    selected = set(context.selected_output_names)
     for event in events:
+        if isinstance(event, dg.Output) and event.output_name not in selected:
+            continue  # mart_build_info, rebuilt beside a mart subset so it never goes stale
         if isinstance(event, dg.Output) and event.output_name in counts:
             event = event.with_metadata(
                 {**event.metadata, "dagster/row_count": counts[event.output_name], "split": split}
             )
         yield event
     if not invocation.is_successful():
-        error = invocation.get_error() or dg.Failure("dbt build failed; see the dbt logs above.")
-        locked = _lock_conflict(str(error))
-        if locked is not None:
-            failure = dg.Failure(
-                f"dbt could not open the warehouse {settings.warehouse}: another process holds it "
-                f"({locked}). DuckDB allows one writing process per file. If it is a DuckDB shell or "
-                "notebook, close it; if it is another Dagster run, give the `duckdb_warehouse` pool a "
-                "limit of 1 (`concurrency: pools: default_limit: 1` in $DAGSTER_HOME/dagster.yaml, "
-                "as `recsys` writes it). The raw tables and marts are unchanged."
-            )
-            if context.retry_number < LOCK_RETRIES:
-                context.log.warning(f"{failure.description} Retrying in {LOCK_RETRY_SECONDS} s.")
-                raise dg.RetryRequested(
-                    max_retries=LOCK_RETRIES, seconds_to_wait=LOCK_RETRY_SECONDS
-                ) from failure
-            raise failure from error
+        _raise_dbt_failure(context, invocation, settings)
+
+
+def _subset_selection(context: dg.AssetExecutionContext, warehouse: Path) -> SubsetSelection:
+    """A subset runs each multi-parent dbt test whose parents are selected or already built."""
+    manifest = json.loads(Path(dbt_project.manifest_path).read_text())
+    subset = subset_selection(manifest, {k.path[-1] for k in context.selected_asset_keys}, warehouse)
+    if subset.indirect_selection:
+        context.log.info(
+            f"dbt subset build: indirect selection {subset.indirect_selection}, plus "
+            f"{', '.join(subset.extra_select) or 'nothing'} (tests whose other parents are already built)"
+        )
+    return subset
+
+
+@contextmanager
+def _indirect_selection(mode: str | None) -> Iterator[None]:
+    """DBT_INDIRECT_SELECTION for the dbt process started inside; dagster-dbt's own override
+    (``empty``, when checks are picked one by one) still wins."""
+    if mode is None:
+        yield
+        return
+    before = os.environ.get("DBT_INDIRECT_SELECTION")
+    os.environ["DBT_INDIRECT_SELECTION"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DBT_INDIRECT_SELECTION", None)
+        else:
+            os.environ["DBT_INDIRECT_SELECTION"] = before
+
+
+def _raise_dbt_failure(context: dg.AssetExecutionContext, invocation, settings) -> None:
+    error = invocation.get_error() or dg.Failure("dbt build failed; see the dbt logs above.")
+    locked = _lock_conflict(str(error))
+    if locked is None:
         raise error
+    failure = dg.Failure(
+        f"dbt could not open the warehouse {settings.warehouse}: another process holds it "
+        f"({locked}). DuckDB allows one writing process per file. If it is a DuckDB shell or "
+        "notebook, close it; if it is another Dagster run, give the `duckdb_warehouse` pool a "
+        "limit of 1 (`concurrency: pools: default_limit: 1` in $DAGSTER_HOME/dagster.yaml, "
+        "as `recsys` writes it). The raw tables and marts are unchanged."
+    )
+    if context.retry_number < LOCK_RETRIES:
+        context.log.warning(f"{failure.description} Retrying in {LOCK_RETRY_SECONDS} s.")
+        raise dg.RetryRequested(max_retries=LOCK_RETRIES, seconds_to_wait=LOCK_RETRY_SECONDS) from failure
+    raise failure from error
 
 
 # A lock held by something outside Dagster (a DuckDB shell) is often released soon: wait a
