@@ -10,30 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from types import ModuleType
 
-from models import (
-    bst,
-    cdae,
-    dcn_parallel,
-    dcn_stacked,
-    deepfm,
-    din,
-    dlrm,
-    emb_knn,
-    gmf,
-    item_knn,
-    mf_implicit,
-    mf_sgd,
-    mmoe,
-    ncf_mlp,
-    neumf,
-    user_knn,
-    user_knn_topk,
-    wals,
-    wide_deep,
-)
 from models.base import CONFIG_FILE, Task, TrainedModel
 
 
@@ -84,40 +64,38 @@ def family_of(module: ModuleType) -> Family:
     return Family(name, model.task, model.config_cls, module.fit, model.load, tuple(model.upstream), model)
 
 
+# One line per family: the name of its module in models/, in leaderboard order.
+FAMILY_MODULES = (
+    "item_knn",
+    "mf_sgd",
+    "wals",
+    "mf_implicit",
+    "gmf",
+    "ncf_mlp",
+    "neumf",
+    "cdae",
+    "deepfm",
+    "wide_deep",
+    "dlrm",
+    "dcn_stacked",
+    "dcn_parallel",
+    "din",
+    "bst",
+    "mmoe",
+    "user_knn",
+    "user_knn_topk",
+    "emb_knn",
+)
 FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in map(
-        family_of,
-        (
-            item_knn,
-            mf_sgd,
-            wals,
-            mf_implicit,
-            gmf,
-            ncf_mlp,
-            neumf,
-            cdae,
-            deepfm,
-            wide_deep,
-            dlrm,
-            dcn_stacked,
-            dcn_parallel,
-            din,
-            bst,
-            mmoe,
-            user_knn,
-            user_knn_topk,
-            emb_knn,
-        ),
-    )
+    family.name: family for family in (family_of(import_module(f"models.{m}")) for m in FAMILY_MODULES)
 }
 
 
 def select_families(names: list[str] | tuple[str, ...] | None) -> list[str]:
-    """The families to build, in registry order: ``names`` plus the upstream families they build on.
+    """The families to build, in catalogue order: ``names`` plus the upstream families they build on.
 
     ``None`` or empty selects every family. An unknown name raises ``ValueError`` with the
-    closest registered name and the full list.
+    closest family name and the full list.
     """
     if not names:
         return list(FAMILIES)
