@@ -37,84 +37,25 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+
+from data_contracts.gx_validation import outcome_of, validate_frame
+from data_contracts.results import ContractResult, ExpectationOutcome, plain
 
 if TYPE_CHECKING:
     import pandas as pd
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 # How many failing values (and identifying rows) each expectation reports.
-SAMPLE_SIZE = 10
-MARKDOWN_CELL_CHARS = 120
-
-
 class ContractError(RuntimeError):
     """A suite cannot be run at all (as opposed to a suite that runs and fails)."""
 
 
 class MissingRelationError(ContractError):
     """A relation the suite reads does not exist in the warehouse."""
-
-
-@dataclass(frozen=True)
-class ExpectationOutcome:
-    expectation: str
-    column: str | None
-    success: bool
-    observed: object
-    unexpected_count: int | None
-    sample_bad_values: list
-    kwargs: dict
-    # Key columns (``meta.key``) plus the offending values of up to SAMPLE_SIZE failing
-    # rows: for a null check the bad values alone are just ``None``.
-    sample_bad_rows: list = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ContractResult:
-    suite: str
-    relation: str
-    success: bool
-    n_rows: int
-    outcomes: list[ExpectationOutcome]
-    # Rows GX saw when the table was larger than ``max_rows`` (a seeded sample); None = all.
-    sampled_rows: int | None = None
-    # Expectations not run because a relation their parameters read is not built yet
-    # (``skip_unbuilt_upstream``), as "expectation (column): needs relation".
-    skipped: tuple[str, ...] = ()
-
-    def failed(self) -> list[ExpectationOutcome]:
-        return [o for o in self.outcomes if not o.success]
-
-    def to_markdown(self) -> str:
-        """A summary line and a table for the Dagster UI.
-
-        The table lists the failures first, then the passing aggregates (row counts,
-        label rates, split fractions): the numbers worth watching. Passing per-row
-        checks would only repeat "0 unexpected".
-        """
-        failed = self.failed()
-        status = "passed" if self.success else "FAILED"
-        shown = failed + [o for o in self.outcomes if o.success and _is_number(o.observed)]
-        lines = [
-            f"**{self.suite}** on `{self.relation}` {status}: {self.n_rows} rows"
-            + (f" (per-row rules on a sample of {self.sampled_rows})" if self.sampled_rows else "")
-            + f", {len(failed)} of {len(self.outcomes)} expectations failed."
-            + (f" Not run, upstream not built yet: {'; '.join(self.skipped)}." if self.skipped else ""),
-            "",
-            "| | expectation | column | observed | sample bad values |",
-            "|---|---|---|---|---|",
-        ]
-        for o in shown:
-            # For a null check the bad values are all None; the row keys say more.
-            samples = o.sample_bad_rows if _all_none(o.sample_bad_values) else o.sample_bad_values
-            cells = ["ok" if o.success else "FAIL", o.expectation, o.column, o.observed, samples]
-            lines.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
-        return "\n".join(lines)
 
 
 def list_suites() -> list[str]:
@@ -181,7 +122,7 @@ def run_suite(
             if e["type"] in ROW_COUNT_EXPECTATIONS
         ]
         suite = {**suite, "expectations": kept}
-    outcomes = unbound + counted + [_outcome(r, frame, key) for r in _validate(frame, suite, values)]
+    outcomes = unbound + counted + [outcome_of(r, frame, key) for r in validate_frame(frame, suite, values)]
     return ContractResult(
         suite=name,
         relation=relation,
@@ -251,7 +192,7 @@ def _row_count_outcome(expectation: dict, n_rows: int, values: dict) -> Expectat
         observed=n_rows,
         unexpected_count=None,
         sample_bad_values=[],
-        kwargs=_plain(kwargs),
+        kwargs=plain(kwargs),
     )
 
 
@@ -384,123 +325,3 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-# --- validation -----------------------------------------------------------------------
-
-
-def _validate(frame: pd.DataFrame, suite: dict, parameters: dict) -> list[dict]:
-    # The warehouse machines are offline: GX's usage analytics would only fail to send.
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    # tqdm bars would otherwise flood the Dagster compute logs.
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
-        context.data_sources.add_pandas("warehouse")
-        .add_dataframe_asset(suite["name"])
-        .add_batch_definition_whole_dataframe("whole")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
-    # Not GX's `unexpected_index_column_names`: it looks up every unexpected row one by
-    # one before truncating (a wholesale broken column on 1M rows took minutes).
-    # SUMMARY's positional indices of the first failing rows are free; _sample_rows
-    # looks those few up.
-    result = batch.validate(
-        gx.ExpectationSuite(**suite),
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": SAMPLE_SIZE},
-        expectation_parameters=parameters,
-    )
-    return result.to_json_dict()["results"]
-
-
-def _outcome(result: dict, frame: pd.DataFrame, key: list[str]) -> ExpectationOutcome:
-    config = result["expectation_config"]
-    kwargs = {k: _plain(v) for k, v in config["kwargs"].items() if k != "batch_id"}
-    details = result.get("result") or {}
-    error = _exception_message(result.get("exception_info") or {})
-    return ExpectationOutcome(
-        expectation=config["type"],
-        column=_column_of(kwargs),
-        # An expectation that raised has not shown anything: it fails.
-        success=bool(result["success"]) and error is None,
-        observed=error if error is not None else _observed(details),
-        unexpected_count=details.get("unexpected_count"),
-        sample_bad_values=_plain(details.get("partial_unexpected_list", [])),
-        kwargs=kwargs,
-        sample_bad_rows=_sample_rows(frame, key, kwargs, details),
-    )
-
-
-def _exception_message(info: dict) -> str | None:
-    # GX reports one exception flat, or one per failed metric keyed by metric id.
-    reports = [info] if "raised_exception" in info else list(info.values())
-    messages = [
-        str(r.get("exception_message")) for r in reports if isinstance(r, dict) and r.get("raised_exception")
-    ]
-    return "; ".join(messages) if messages else None
-
-
-def _column_of(kwargs: dict) -> str | None:
-    if "column" in kwargs:
-        return kwargs["column"]
-    if "column_list" in kwargs:
-        return ",".join(kwargs["column_list"])
-    if "column_A" in kwargs:
-        return f"{kwargs['column_A']},{kwargs['column_B']}"
-    return None
-
-
-def _observed(details: dict) -> object:
-    if "observed_value" in details:
-        return _plain(details["observed_value"])
-    if "unexpected_count" in details:
-        return (
-            f"{details['unexpected_count']} of {details.get('element_count')} rows unexpected "
-            f"({details.get('unexpected_percent') or 0:.3g}%)"
-        )
-    return None
-
-
-def _sample_rows(frame: pd.DataFrame, key: list[str], kwargs: dict, details: dict) -> list:
-    """Key and checked columns of the first failing rows (GX gives their index labels)."""
-    positions = details.get("partial_unexpected_index_list") or []
-    checked = [kwargs.get("column"), kwargs.get("column_A"), kwargs.get("column_B")]
-    checked += kwargs.get("column_list", [])
-    if not key:
-        return []
-    columns = list(dict.fromkeys(c for c in [*key, *checked] if c in frame.columns))
-    return _plain(frame.loc[positions, columns].to_dict("records"))
-
-
-def _plain(value: Any) -> Any:
-    """Plain Python values: numpy scalars and pandas NA would leak into Dagster metadata."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if value is None or isinstance(value, str | bool | int | float):
-        return value
-    import pandas as pd
-
-    return None if pd.isna(value) else str(value)
-
-
-def _all_none(values: list) -> bool:
-    return all(v is None for v in values)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _markdown_cell(value: object) -> str:
-    if value is None or value == []:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = " ".join(text.split()).replace("|", "\\|")
-    if len(text) > MARKDOWN_CELL_CHARS:
-        text = text[: MARKDOWN_CELL_CHARS - 1] + "…"
-    return text
