@@ -16,15 +16,9 @@ import numpy as np
 
 from export.golden import write_golden
 from export.lineage import Lineage, code_version, config_sha256, stamp_onnx, write_lineage_json
-from export.onnx_export import (
-    TopKScorer,
-    export_onnx,
-    export_topk_onnx,
-    graph_signature,
-    topk_spec,
-    write_signature,
-)
+from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec
 from export.parity import ParityReport, parity_gate, standard_cases
+from export.signature import graph_signature, write_signature
 
 GOLDEN_ROWS = 8
 

@@ -35,10 +35,10 @@ from export.onnx_export import (
     export_onnx,
     export_topk_onnx,
     topk_spec,
-    write_signature,
 )
 from export.parity import ParityError, parity_gate, require_parity, standard_cases
 from export.runtime import ModelFileError, OrtScorer
+from export.signature import write_signature
 
 try:  # the real types once models/base.py exists; the exporter only duck-types them
     from models.base import ExportSpec, TensorSpec
