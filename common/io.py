@@ -121,6 +121,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publishable_mode(fd_or_path: int | str | Path, directory: bool = False) -> None:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (0600/0700, private on purpose
+    while it is written) the mode an ordinary ``open``/``mkdir`` would have (the umask applies),
+    so a serving process running as another user can read what is handed off."""
+    mode = (0o777 if directory else 0o666) & ~umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def atomic_write_with(path: Path | str, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(handle)`` on a temp file beside ``path``, then move it over ``path`` atomically.
 
@@ -136,6 +154,7 @@ def atomic_write_with(path: Path | str, write: Callable[[BinaryIO], object]) -> 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        publishable_mode(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

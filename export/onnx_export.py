@@ -24,7 +24,7 @@ import onnx
 import torch
 from torch.export import Dim
 
-from common.io import fsync_dir
+from common.io import fsync_dir, publishable_mode
 
 # Pinned so a torch upgrade cannot silently change the operator set the serving runtimes must
 # support (torch 2.13 defaults to 20). 18 is torch 2.13's TORCHLIB_OPSET: the lowest opset the
@@ -235,6 +235,7 @@ def export_onnx(
     _check_weights_fit(scorer)
     scorer.eval()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    publishable_mode(fd)  # torch writes into this file in place: it keeps the mode
     os.close(fd)
     tmp = Path(tmp_name)
     try:

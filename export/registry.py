@@ -42,6 +42,7 @@ from common.io import (
     exclusive_lock,
     fsync_dir,
     is_storage_failure,
+    publishable_mode,
     storage_error,
 )
 from common.metrics import MAIN_METRIC
@@ -259,6 +260,7 @@ def _promote(family: str, source: Path, registry_root: Path, version: str) -> Pa
     try:
         family_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=family_dir))
+        publishable_mode(tmp, directory=True)
         for src in sorted(p for p in source.rglob("*") if p.is_file()):
             dst = tmp / src.relative_to(source)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +359,8 @@ class Promotion:
     model_sha256: str
     note: str
     swept: list[str] = field(default_factory=list)
+    # the blessing decided again under the lock (None when the caller asked for no recheck)
+    blessing: Blessing | None = None
 
 
 def promote_blessed(
@@ -366,6 +370,7 @@ def promote_blessed(
     registry_root: Path | str,
     staging_dir: Path | str,
     on_wait: Callable[[str], object] | None = None,
+    recheck: Callable[[], Blessing] | None = None,
 ) -> Promotion:
     """Promote an evaluated export folder (plus its ``metrics.json``) as a new version of
     ``family``, under the registry lock. The version is ``<UTC stamp>-<model sha256[:8]>``.
@@ -374,6 +379,10 @@ def promote_blessed(
     re-run on unchanged inputs); a second version holding identical bytes would only add noise.
     Leftovers of promotions killed mid-copy are removed first. ``staging_dir`` is where the
     release is assembled (replaced if present) before :func:`promote` copies it in.
+
+    ``recheck`` decides the blessing again once the lock is held, against whatever version is
+    current at that moment: a run evaluated against V0 while another run promoted V1 must beat
+    V1's tolerance, not V0's. When it says no, nothing is promoted.
     """
     root = Path(registry_root)
     onnx_dir = Path(onnx_dir)
@@ -384,6 +393,11 @@ def promote_blessed(
         if current is not None and file_sha256(root / family / current / "model.onnx") == digest:
             note = f"model.onnx is identical to current version {current}: nothing promoted"
             return Promotion(False, current, root / family / current, current, digest, note, swept)
+        blessing = recheck() if recheck is not None else None
+        if blessing is not None and not blessing.blessed:
+            note = f"not blessed against current version {current}: {' '.join(blessing.reasons)}"
+            where = root / family / current if current else root / family
+            return Promotion(False, current or "", where, current, digest, note, swept, blessing)
         staging = Path(staging_dir)
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(onnx_dir, staging)
@@ -392,4 +406,4 @@ def promote_blessed(
         version_dir = promote(family, staging, root, f"{stamp}-{digest[:8]}")
         write_index(root)
     note = f"promoted {version_dir.name}" + (f" over {current}" if current else " (first version)")
-    return Promotion(True, version_dir.name, version_dir, current, digest, note, swept)
+    return Promotion(True, version_dir.name, version_dir, current, digest, note, swept, blessing)

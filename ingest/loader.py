@@ -34,7 +34,7 @@ import duckdb
 from common.io import is_storage_failure, storage_error
 from ingest.guards import SourceError, short_error
 from ingest.layouts import SourcePlan
-from ingest.staging import _duckdb_storage_error, _q
+from ingest.staging import _duckdb_storage_error
 from ingest.validation import _derive_entities, _load_entities, _load_interactions
 
 RAW_TABLES = ("interactions", "users", "items")
@@ -81,8 +81,17 @@ def connect(warehouse: Path, memory_limit: str = "2GB", temp_dir: Path | None = 
                     exc = OSError(errno.ENOTDIR, "a file stands where a folder is needed", exc.filename)
                 raise storage_error(exc, folder, kept=kept) from exc
             raise
+    # Options as connection config, never formatted into SQL: a value cannot smuggle a statement.
+    config: dict[str, object] = {"memory_limit": memory_limit, "preserve_insertion_order": True}
+    if temp_dir is not None:
+        config["temp_directory"] = str(temp_dir)
     try:
-        con = duckdb.connect(str(warehouse))
+        con = duckdb.connect(str(warehouse), config=config)
+    except (duckdb.InvalidInputException, duckdb.ParserException) as exc:
+        raise SourceError(
+            f"DuckDB refused the connection options {config} ({short_error(exc)}): check "
+            "RECSYS_DUCKDB_MEMORY_LIMIT (e.g. 2GB) and RECSYS_HOME."
+        ) from exc
     except duckdb.Error as exc:
         storage = _duckdb_storage_error(exc, warehouse, kept)
         if storage is not None:
@@ -92,11 +101,7 @@ def connect(warehouse: Path, memory_limit: str = "2GB", temp_dir: Path | None = 
             "process may hold it (DuckDB allows one writer): wait for it, or check RECSYS_HOME "
             "is writable."
         ) from exc
-    con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute("SET preserve_insertion_order = true")  # source_row relies on file order
-    if temp_dir is not None:
-        con.execute(f"SET temp_directory = '{_q(temp_dir)}'")
-    return con
+    return con  # preserve_insertion_order: source_row relies on file order
 
 
 # ----------------------------------------------------------------- fingerprint and swap

@@ -10,7 +10,7 @@ import dagster as dg
 import duckdb
 
 from ingest.loader import connect
-from pipeline.settings import load_settings
+from pipeline.settings import load_settings, memory_size
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -30,6 +30,8 @@ class WarehouseResource(dg.ConfigurableResource):
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         settings = load_settings()
         path = Path(self.path) if self.path else settings.warehouse
+        memory = memory_size(self.memory_limit, "warehouse.memory_limit") if self.memory_limit else None
+        memory = memory or settings.duckdb_memory_limit
         if read_only:
             if not path.exists():
                 raise FileNotFoundError(
@@ -41,14 +43,10 @@ class WarehouseResource(dg.ConfigurableResource):
             con = duckdb.connect(
                 str(path),
                 read_only=True,
-                config={"memory_limit": self.memory_limit or settings.duckdb_memory_limit},
+                config={"memory_limit": memory},
             )
         else:
-            con = connect(
-                path,
-                self.memory_limit or settings.duckdb_memory_limit,
-                settings.scratch_dir / "duckdb_tmp",
-            )
+            con = connect(path, memory, settings.scratch_dir / "duckdb_tmp")
         try:
             yield con
         finally:

@@ -29,6 +29,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,22 @@ def _env_choice(env: dict[str, str], name: str, default: str, choices: tuple[str
     if value not in choices:
         raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}.")
     return value
+
+
+# What DuckDB's memory_limit accepts that we pass on: a number and a byte unit.
+_MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+def memory_size(value: str, name: str = "RECSYS_DUCKDB_MEMORY_LIMIT") -> str:
+    """``value`` if it is a memory size such as ``2GB``, ``512MB`` or ``1.5GiB``, else a
+    SettingsError naming ``name``. The value reaches DuckDB and dbt's profile, so nothing else
+    (quotes, SQL) may pass."""
+    text = value.strip()
+    if not _MEMORY_SIZE.match(text):
+        raise SettingsError(
+            f"{name}={value!r} is not a memory size: give a number and a unit, e.g. 2GB, 512MB or 1.5GiB."
+        )
+    return text
 
 
 def parse_column_map(text: str | None) -> dict[str, str]:
@@ -199,7 +216,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         synth_events=_env_int(env, "RECSYS_SYNTH_EVENTS", 100_000, 1),
         synth_seed=_env_int(env, "RECSYS_SYNTH_SEED", 42, 0),
         min_events=_env_int(env, "RECSYS_MIN_EVENTS", 100, 1),
-        duckdb_memory_limit=env.get("RECSYS_DUCKDB_MEMORY_LIMIT") or "2GB",
+        duckdb_memory_limit=memory_size(env.get("RECSYS_DUCKDB_MEMORY_LIMIT") or "2GB"),
         model_config=Path(env["RECSYS_MODEL_CONFIG"]).expanduser()
         if env.get("RECSYS_MODEL_CONFIG")
         else None,

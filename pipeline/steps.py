@@ -201,10 +201,26 @@ class Evaluated:
     reuse: Reuse
     metrics: dict
     blessing: Blessing
+    data_version: str | None = None  # of the raw interactions the snapshot was built from
+    popularity: Mapping[str, float] | None = None  # the baseline it was blessed against
 
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.json"
+
+    def record(self, family: Family, onnx_dir: str) -> dict:
+        """What the leaderboard and :func:`promote` read (the ``eval_<family>`` asset's value)."""
+        return {
+            "family": family.name,
+            "task": family.task.value,
+            "metrics": self.metrics,
+            "onnx_dir": onnx_dir,
+            "metrics_path": str(self.metrics_path),
+            "blessed": self.blessing.blessed,
+            "blessing_reasons": list(self.blessing.reasons),
+            "popularity": dict(self.popularity or {}),
+            "data_version": self.data_version,
+        }
 
 
 def evaluate(
@@ -232,22 +248,42 @@ def evaluate(
         atomic_write_json(out / "metrics.json", metrics)
         cache.record(key, out, run_id)
     meta = json.loads((Path(snapshot) / "meta.json").read_text())
-    blessing = bless(
-        family.name, task, metrics, dict(popularity), settings.registry_dir, settings.bless_tolerance,
-        # compared with the blessed version's lineage.json data_fingerprint
-        data_version=(meta.get("upstream") or {}).get("raw_interactions"),
-    )  # fmt: skip
-    return Evaluated(out, reuse, metrics, blessing)
+    # compared with the blessed version's lineage.json data_fingerprint
+    data_version = (meta.get("upstream") or {}).get("raw_interactions")
+    blessing = bless(family.name, task, metrics, dict(popularity), settings.registry_dir,
+                     settings.bless_tolerance, data_version=data_version)  # fmt: skip
+    return Evaluated(out, reuse, metrics, blessing, data_version, dict(popularity))
 
 
 # --- promote ------------------------------------------------------------------------------
-def promote(
-    family: Family, onnx_dir: str, metrics_path: str, settings: Settings, run_id: str, log
-) -> Promotion:
-    """Copy a blessed export into the registry under its lock (idempotent; see ``promote_blessed``)."""
+def promote(family: Family, evaluation: Mapping[str, Any], settings: Settings, run_id: str, log) -> Promotion:
+    """Copy a blessed export into the registry under its lock (idempotent; see ``promote_blessed``).
+
+    ``evaluation`` is the evaluate step's record (``onnx_dir``, ``metrics_path``, ``metrics``,
+    ``popularity``, ``data_version``): the blessing is decided again under the lock against the
+    version current then, so a run that overlapped another's promotion cannot undo it."""
+
+    def recheck() -> Blessing:
+        return bless(
+            family.name,
+            family.task.value,
+            dict(evaluation["metrics"]),
+            dict(evaluation["popularity"]),
+            settings.registry_dir,
+            settings.bless_tolerance,
+            data_version=evaluation.get("data_version"),
+        )
+
     staging = settings.artifacts_dir / family.name / run_id / "release"
-    promotion = promote_blessed(family.name, onnx_dir, metrics_path, settings.registry_dir, staging,
-                                on_wait=log.info)  # fmt: skip
+    promotion = promote_blessed(
+        family.name,
+        evaluation["onnx_dir"],
+        evaluation["metrics_path"],
+        settings.registry_dir,
+        staging,
+        on_wait=log.info,
+        recheck=recheck,
+    )
     if promotion.swept:
         log.warning(f"removed leftovers of interrupted promotions of {family.name}: {promotion.swept}")
     log.info(f"{family.name}: {promotion.note}")

@@ -35,24 +35,24 @@ def _chain(family, snapshot: str, settings, run_id: str):
     exported = steps.export(family, str(trained.out), snapshot, settings, run_id, LOG, version)
     popularity = evaluate_baselines(Path(snapshot), family.task.value)["popularity"]
     evaluated = steps.evaluate(family, str(exported.out), snapshot, popularity, settings, run_id, LOG)
-    return trained, exported, evaluated
+    return trained, exported, evaluated, evaluated.record(family, str(exported.out))
 
 
 def test_chain_runs_without_dagster_and_reuses_on_unchanged_inputs(tmp_path, settings):
     snapshot = str(write_tiny_snapshot(tmp_path / "snap"))
     family = FAMILIES["item_knn"]
 
-    trained, exported, evaluated = _chain(family, snapshot, settings, "run1")
+    trained, exported, evaluated, record = _chain(family, snapshot, settings, "run1")
     assert not trained.reuse.reused and trained.out == settings.artifacts_dir / "item_knn" / "run1" / "model"
     assert exported.parity["passed"] and (exported.out / "model.onnx").is_file()
     assert evaluated.blessing.blessed, evaluated.blessing.reasons
     assert evaluated.metrics_path.is_file() and evaluated.metrics["rmse"] > 0
 
-    first = steps.promote(family, str(exported.out), str(evaluated.metrics_path), settings, "run1", LOG)
+    first = steps.promote(family, record, settings, "run1", LOG)
     assert first.promoted and current_version("item_knn", settings.registry_dir) == first.version
 
     # A second run on the same snapshot, config and code reuses every output of the first...
-    again_t, again_x, again_e = _chain(family, snapshot, settings, "run2")
+    again_t, again_x, again_e, again = _chain(family, snapshot, settings, "run2")
     assert again_t.reuse.reused and again_t.out == trained.out and again_t.reuse.key == trained.reuse.key
     assert "run1" in again_t.reuse.note("checkpoint")
     assert again_x.reuse.reused and again_x.out == exported.out
@@ -60,7 +60,7 @@ def test_chain_runs_without_dagster_and_reuses_on_unchanged_inputs(tmp_path, set
     # ...and the blessing is decided again, now against the version the first run promoted.
     assert again_e.blessing.previous_version == first.version
     # The same model.onnx is not promoted twice.
-    second = steps.promote(family, str(again_x.out), str(again_e.metrics_path), settings, "run2", LOG)
+    second = steps.promote(family, again, settings, "run2", LOG)
     assert not second.promoted and second.version == first.version and "identical" in second.note
 
 

@@ -179,16 +179,13 @@ def eval_asset(family: Family, version: str) -> dg.AssetsDefinition:
         result = steps.evaluate(family, onnx_dir, snapshot, task_baselines["popularity"], load_settings(),
                                 context.run_id, context.log)  # fmt: skip
         b = result.blessing
-        value = {"family": name, "task": family.task.value, "metrics": result.metrics, "onnx_dir": onnx_dir,
-                 "metrics_path": str(result.metrics_path), "blessed": b.blessed,
-                 "blessing_reasons": list(b.reasons)}  # fmt: skip
         verdict = {
             "main_metric": b.main_metric,
             "value": float(b.value),
             "popularity": float(b.baseline_value),
         }
         yield dg.Output(
-            value,
+            result.record(family, onnx_dir),
             data_version=dg.DataVersion(result.reuse.key),
             metadata={
                 **_reuse_metadata(result.reuse, "evaluation (metrics; the blessing is decided again)"),
@@ -231,8 +228,10 @@ def registry_asset(family: Family) -> dg.AssetsDefinition:
             reasons = "; ".join(evaluation["blessing_reasons"])
             context.log.warning(f"{name} not blessed ({reasons}); registry unchanged")
             return
-        p = steps.promote(family, evaluation["onnx_dir"], evaluation["metrics_path"], load_settings(),
-                          context.run_id, context.log)  # fmt: skip
+        p = steps.promote(family, evaluation, load_settings(), context.run_id, context.log)
+        if p.blessing is not None and not p.blessing.blessed:  # decided again under the lock
+            context.log.warning(f"{name}: {p.note}; registry unchanged")
+            return
         promoted = {"promoted": True, "previous_version": str(p.previous_version)}
         yield dg.Output(
             str(p.version_dir),

@@ -1,0 +1,107 @@
+"""Hostile or careless configuration and concurrent promotions (issue: harden it).
+
+Each test names the item of the hardening review it covers."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from export.registry import Blessing, bless, current_version, promote_blessed
+from ingest.guards import SourceError
+from ingest.loader import connect
+from pipeline.settings import SettingsError, load_settings
+
+INJECTION = "1GB'; COPY (SELECT 42 AS x) TO '{target}' (FORMAT csv); SET memory_limit = '1GB"
+
+
+# --- 1. RECSYS_DUCKDB_MEMORY_LIMIT reaches DuckDB, never as SQL ------------------------------
+@pytest.mark.parametrize("value", ["lots", "2 GB; DROP TABLE raw.interactions", "1GB'", ""])
+def test_memory_limit_setting_is_validated_naming_the_variable(value, tmp_path):
+    env = {"RECSYS_HOME": str(tmp_path), "RECSYS_DUCKDB_MEMORY_LIMIT": value}
+    if value == "":
+        assert load_settings(env).duckdb_memory_limit == "2GB"  # unset or empty: the default
+        return
+    refused = r"RECSYS_DUCKDB_MEMORY_LIMIT=.* is not a memory size.*e\.g\. 2GB"
+    with pytest.raises(SettingsError, match=refused):
+        load_settings(env)
+
+
+@pytest.mark.parametrize("value", ["2GB", "512MB", "1.5GiB", "750 MiB"])
+def test_memory_limit_accepts_sizes(value, tmp_path):
+    env = {"RECSYS_HOME": str(tmp_path), "RECSYS_DUCKDB_MEMORY_LIMIT": value}
+    assert load_settings(env).duckdb_memory_limit == value
+
+
+def test_a_memory_limit_cannot_smuggle_a_statement_into_the_warehouse_connection(tmp_path):
+    """The loader passes its options as connection config: an injected COPY writes nothing."""
+    target = tmp_path / "leak.csv"
+    with pytest.raises(SourceError, match=r"refused the connection options.*RECSYS_DUCKDB_MEMORY_LIMIT"):
+        connect(tmp_path / "warehouse.duckdb", INJECTION.format(target=target), tmp_path / "spill")
+    assert not target.exists()
+    con = connect(tmp_path / "warehouse.duckdb", "1GB", tmp_path / "spill")
+    try:
+        memory, order, spill = con.execute(
+            "SELECT current_setting('memory_limit'), current_setting('preserve_insertion_order'), "
+            "current_setting('temp_directory')"
+        ).fetchall()[0]
+    finally:
+        con.close()
+    assert memory.endswith("MiB") and order is True and spill == str(tmp_path / "spill")
+
+
+# --- 11. The blessing is decided again under the registry lock ------------------------------
+def _release(folder, model: bytes, ndcg: float):
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(model)
+    for name in ("signature.json", "lineage.json"):
+        (folder / name).write_text("{}\n")
+    (folder / "metrics.json").write_text(json.dumps({"ndcg@10": ndcg}))
+    return folder
+
+
+def _verdict(registry, ndcg: float):
+    """What the evaluation step computes: the blessing against the registry as it is now."""
+    return lambda: bless("wals", "topk", {"ndcg@10": ndcg}, {"ndcg@10": 0.10}, registry, 0.02)
+
+
+def test_overlapping_runs_cannot_promote_past_a_version_promoted_in_between(tmp_path):
+    """Two runs both blessed against V0; the first promotes a much better model; the second,
+    promoting later, must be compared with that one, not with V0."""
+    registry = tmp_path / "registry"
+    v0 = promote_blessed("wals", _release(tmp_path / "r0", b"v0", 0.20), tmp_path / "r0" / "metrics.json",
+                         registry, tmp_path / "s0", recheck=_verdict(registry, 0.20))  # fmt: skip
+    early, late = _verdict(registry, 0.30)(), _verdict(registry, 0.22)()
+    assert early.blessed and late.blessed and late.previous_version == v0.version  # both pass against V0
+
+    first = promote_blessed("wals", _release(tmp_path / "r1", b"v1", 0.30), tmp_path / "r1" / "metrics.json",
+                            registry, tmp_path / "s1", recheck=_verdict(registry, 0.30))  # fmt: skip
+    assert first.promoted and current_version("wals", registry) == first.version
+    second = promote_blessed("wals", _release(tmp_path / "r2", b"v2", 0.22), tmp_path / "r2" / "metrics.json",
+                             registry, tmp_path / "s2", recheck=_verdict(registry, 0.22))  # fmt: skip
+    assert not second.promoted and current_version("wals", registry) == first.version
+    assert "regresses" in second.note and first.version in second.note
+    assert isinstance(second.blessing, Blessing) and not second.blessing.blessed
+
+
+# --- 13. A handed-off model is readable by other users (the umask applies) ------------------
+def test_registry_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        registry = tmp_path / "registry"
+        release = _release(tmp_path / "r", b"model", 0.3)
+        from common.io import atomic_write_json
+
+        atomic_write_json(release / "signature.json", {"inputs": []})  # written through mkstemp
+        done = promote_blessed("wals", release, release / "metrics.json", registry, tmp_path / "staging")
+    finally:
+        os.umask(old)
+    assert done.promoted
+    for path in [done.version_dir, *done.version_dir.rglob("*"), registry / "wals" / "CURRENT",
+                 registry / "index.json"]:  # fmt: skip
+        mode = stat.S_IMODE(path.stat().st_mode)
+        want = 0o755 if path.is_dir() else 0o644
+        assert mode == want, f"{path} has mode {oct(mode)}, want {oct(want)} (umask 022)"
