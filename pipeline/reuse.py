@@ -22,6 +22,7 @@ from importlib import metadata as package_metadata
 from pathlib import Path
 
 from common.io import atomic_write_json
+from export.lineage import file_sha256
 from pipeline.settings import REPO_ROOT, load_settings
 
 
@@ -32,7 +33,7 @@ def source_version(obj) -> str:
 
 
 # Bump to invalidate every reuse pointer at once (e.g. when the pointer layout changes).
-REUSE_FORMAT = 1
+REUSE_FORMAT = 2
 # Libraries whose version changes what a step produces.
 _PACKAGES = ("torch", "numpy", "scipy", "onnx", "onnxruntime", "onnxscript")
 
@@ -112,9 +113,13 @@ def snapshot_key(snapshot: str) -> str:
 class StepCache:
     """Pointers from a reuse key to the folder an earlier run wrote for it:
     ``<artifacts>/<family>/by_key/<stage>-<key>.json``. A pointer is written after the folder is
-    complete, so a run killed midway leaves none; one whose folder lost a file is ignored."""
+    complete, so a run killed midway leaves none. It is trusted only while it still describes
+    what is on disk: its folder must lie under ``<artifacts>`` and every file it recorded must
+    still have the sha256 it had then (a file replaced or truncated in place, or a pointer
+    edited to name another folder, means recompute)."""
 
     def __init__(self, artifacts_dir: Path, family: str, stage: str, required: tuple[str, ...]):
+        self.root = Path(artifacts_dir).resolve()
         self.folder = Path(artifacts_dir) / family / "by_key"
         self.stage = stage
         self.required = required
@@ -129,27 +134,42 @@ class StepCache:
         try:
             record = json.loads(pointer.read_text())
             folder = Path(record["path"])
+            recorded = dict(record["files"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning(f"ignoring unreadable reuse pointer {pointer} ({exc}); recomputing")
+            log.warning(f"ignoring unreadable or outdated reuse pointer {pointer} ({exc!r}); recomputing")
+            return None
+        if not folder.resolve().is_relative_to(self.root):
+            log.warning(f"reuse pointer {pointer} names {folder}, outside {self.root}; recomputing")
             return None
         missing = [name for name in self.required if not (folder / name).is_file()]
         if missing:
             log.warning(f"reuse pointer {pointer} names {folder}, which lacks {missing}; recomputing")
             return None
+        changed = [name for name, digest in recorded.items() if _sha256(folder / name) != digest]
+        if changed:
+            log.warning(
+                f"{changed} in {folder} changed since run {record.get('run_id')} wrote them; recomputing"
+            )
+            return None
         return record
 
     def record(self, key: str, path: Path, run_id: str, extra: Mapping[str, object] | None = None) -> None:
+        files = {name: _sha256(path / name) for name in self.required if (path / name).is_file()}
         atomic_write_json(
             self.pointer(key),
-            {"key": key, "stage": self.stage, "path": str(path), "run_id": run_id,
+            {"key": key, "stage": self.stage, "path": str(path), "run_id": run_id, "files": files,
              "created": datetime.now(UTC).isoformat(timespec="seconds"), **(extra or {})},
         )  # fmt: skip
 
 
-def reuse_note(stage: str, record: dict | None, key: str) -> str:
-    if record is None:
-        return f"Computed: no earlier {stage} has reuse key {key} (new data, config or code, or a first run)."
-    return (
-        f"Reused the {stage} that run {record['run_id']} wrote for reuse key {key} (same snapshot "
-        f"inputs, config, code and libraries): nothing recomputed. Folder: {record['path']}"
-    )
+def _sha256(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def content_digest(path: Path | str) -> str:
+    """sha256 of a file a step reads, for its reuse key: the same path with other bytes (a model
+    re-exported in place) is another input."""
+    return _sha256(Path(path)) or "absent"

@@ -25,7 +25,15 @@ from models.catalogue import Family, load_model
 from models.config import parse_config
 from models.data import Snapshot
 from pipeline.family_config import family_configs
-from pipeline.reuse import StepCache, code_digest, model_key_parts, package_versions, reuse_key, snapshot_key
+from pipeline.reuse import (
+    StepCache,
+    code_digest,
+    content_digest,
+    model_key_parts,
+    package_versions,
+    reuse_key,
+    snapshot_key,
+)
 from pipeline.settings import Settings
 
 ONNX_FILES = ("model.onnx", "signature.json", "lineage.json")
@@ -166,7 +174,8 @@ def export(
     A failed parity gate is never recorded for reuse: the next run tries again."""
     key = reuse_key(
         "onnx",
-        {"model_dir": model_dir, "code_version": code_version, "export_code": code_digest("export"),
+        {"model_dir": model_dir, "checkpoint": content_digest(Path(model_dir) / WEIGHTS_FILE),
+         "code_version": code_version, "export_code": code_digest("export"),
          "model_code": code_digest("models", "common"), "packages": package_versions(),
          "snapshot": snapshot_key(snapshot)},
     )  # fmt: skip
@@ -232,8 +241,9 @@ def evaluate(
     task = family.task.value
     key = reuse_key(
         "eval",
-        {"onnx_dir": onnx_dir, "task": task, "export_code": code_digest("export", "evaluation", "common"),
-         "packages": package_versions(), "snapshot": snapshot_key(snapshot)},
+        {"onnx_dir": onnx_dir, "onnx_sha256": content_digest(Path(onnx_dir) / "model.onnx"), "task": task,
+         "export_code": code_digest("export", "evaluation", "common"), "packages": package_versions(),
+         "snapshot": snapshot_key(snapshot)},
     )  # fmt: skip
     cache = StepCache(settings.artifacts_dir, family.name, "eval", ("metrics.json",))
     hit = cache.lookup(key, log)

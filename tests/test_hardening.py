@@ -105,3 +105,80 @@ def test_registry_files_follow_the_umask(tmp_path):
         mode = stat.S_IMODE(path.stat().st_mode)
         want = 0o755 if path.is_dir() else 0o644
         assert mode == want, f"{path} has mode {oct(mode)}, want {oct(want)} (umask 022)"
+
+
+# --- 12. Reuse pointers are verified, not trusted --------------------------------------------
+class _Log:
+    def __init__(self):
+        self.warnings: list[str] = []
+
+    def info(self, message):
+        pass
+
+    def warning(self, message):
+        self.warnings.append(message)
+
+
+def _complete_folder(folder, weights: bytes = b"weights"):
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(weights)
+    (folder / "config.json").write_text('{"family": "wals"}')
+    return folder
+
+
+def test_a_reuse_pointer_to_a_folder_outside_artifacts_is_ignored(tmp_path):
+    from pipeline.reuse import StepCache
+
+    cache = StepCache(tmp_path / "artifacts", "wals", "model", ("model.pt", "config.json"))
+    elsewhere = _complete_folder(tmp_path / "elsewhere")
+    cache.record("k", elsewhere, "run0")
+    log = _Log()
+    assert cache.lookup("k", log) is None and "outside" in log.warnings[-1]
+
+
+def test_a_file_changed_in_place_invalidates_its_pointer(tmp_path):
+    from pipeline.reuse import StepCache
+
+    cache = StepCache(tmp_path / "artifacts", "wals", "model", ("model.pt", "config.json"))
+    folder = _complete_folder(tmp_path / "artifacts" / "wals" / "run1" / "model")
+    cache.record("k", folder, "run1")
+    assert cache.lookup("k", _Log())["run_id"] == "run1"
+    (folder / "model.pt").write_bytes(b"")  # truncated in place: same name, other bytes
+    log = _Log()
+    assert cache.lookup("k", log) is None and "model.pt" in log.warnings[-1] and "changed" in log.warnings[-1]
+
+    # a pointer edited by hand to drop the hashes is not trusted either
+    pointer = cache.pointer("k")
+    record = json.loads(pointer.read_text())
+    del record["files"]
+    pointer.write_text(json.dumps(record))
+    assert cache.lookup("k", _Log()) is None
+
+
+def test_an_onnx_file_changed_in_place_is_evaluated_again(tmp_path, monkeypatch):
+    """Metrics are never reused for a model file whose bytes changed since they were computed."""
+    import onnx
+    from test_models import write_tiny_snapshot
+
+    from evaluation.evaluate import evaluate_baselines
+    from models.catalogue import FAMILIES
+    from pipeline import steps
+    from pipeline.reuse import source_version
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RECSYS_MODEL_CONFIG", raising=False)
+    settings = load_settings()
+    snapshot = str(write_tiny_snapshot(tmp_path / "snap"))
+    family, log = FAMILIES["item_knn"], _Log()
+    version = source_version(family.fit)
+    trained = steps.train(family, snapshot, settings, "run1", log, version)
+    exported = steps.export(family, str(trained.out), snapshot, settings, "run1", log, version)
+    popularity = evaluate_baselines(tmp_path / "snap", "rating")["popularity"]
+    first = steps.evaluate(family, str(exported.out), snapshot, popularity, settings, "run1", log)
+    assert steps.evaluate(family, str(exported.out), snapshot, popularity, settings, "run2", log).reuse.reused
+
+    model = onnx.load(exported.out / "model.onnx")
+    onnx.helper.set_model_props(model, {"edited": "in place"})
+    onnx.save(model, exported.out / "model.onnx")
+    again = steps.evaluate(family, str(exported.out), snapshot, popularity, settings, "run3", log)
+    assert not again.reuse.reused and again.reuse.key != first.reuse.key
