@@ -387,6 +387,11 @@ def files_plan(
     for p in candidates:
         stem = p.name[: -len(_suffix(p) or "")].lower()
         if stem in side:
+            if side[stem] is not None:
+                raise SourceError(
+                    f"{path} holds two {stem} tables, {side[stem].name} and {p.name}: keep one (the "
+                    f"other would be silently ignored), or move it out of the folder."
+                )
             side[stem] = p
         else:
             interaction_files.append(p)

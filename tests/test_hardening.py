@@ -182,3 +182,16 @@ def test_an_onnx_file_changed_in_place_is_evaluated_again(tmp_path, monkeypatch)
     onnx.save(model, exported.out / "model.onnx")
     again = steps.evaluate(family, str(exported.out), snapshot, popularity, settings, "run3", log)
     assert not again.reuse.reused and again.reuse.key != first.reuse.key
+
+
+# --- 5. Two side tables for one role are refused, naming both ------------------------------
+def test_two_user_tables_in_a_files_folder_are_refused_with_both_names(tmp_path):
+    from ingest.layouts import files_plan
+
+    (tmp_path / "ratings.csv").write_text("user_id,item_id,rating,timestamp\n1,1,4,100\n")
+    (tmp_path / "users.csv").write_text("user_id,gender\n1,F\n")
+    (tmp_path / "Users.tsv").write_text("user_id\tgender\n1\tM\n")
+    with pytest.raises(SourceError, match=r"two users tables, Users\.tsv and users\.csv: keep one"):
+        files_plan(tmp_path)
+    (tmp_path / "Users.tsv").unlink()
+    assert files_plan(tmp_path).users is not None
