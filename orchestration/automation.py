@@ -74,6 +74,18 @@ def landing_files(folder: Path, now: float | None = None) -> dict[str, list[floa
     return found
 
 
+LANDING_TAG = {"recsys/trigger": "landing"}
+IN_FLIGHT = (
+    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
+)  # fmt: skip
+
+
+def _landing_run_in_flight(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
+    runs = instance.get_runs(filters=dg.RunsFilter(tags=LANDING_TAG, statuses=list(IN_FLIGHT)), limit=1)
+    return runs[0] if runs else None
+
+
 @dg.sensor(
     name="landing_sensor",
     job=refresh_all,
@@ -92,6 +104,14 @@ def landing_sensor(context: dg.SensorEvaluationContext):
     if not current or current == previous:
         return dg.SkipReason(f"no new or changed file in {folder}")
     changed = sorted(name for name, stat in current.items() if previous.get(name) != stat)
+    busy = _landing_run_in_flight(context.instance)
+    if busy is not None:
+        # The cursor stays: the change is seen again on the first tick after that run ends, so
+        # a file that keeps changing queues one run at a time, not one per change.
+        return dg.SkipReason(
+            f"{', '.join(changed) or 'a removal'} changed in {folder}, but run {busy.run_id} from "
+            f"landed files is still {busy.status.value}; the next tick after it ends picks the change up"
+        )
     context.update_cursor(json.dumps(current))
     if not changed:
         return dg.SkipReason(f"only removals in {folder}")
@@ -99,5 +119,5 @@ def landing_sensor(context: dg.SensorEvaluationContext):
     return dg.RunRequest(
         run_key=run_key,
         run_config={"ops": {"raw_tables": {"config": {"source": "files", "data_path": str(folder)}}}},
-        tags={"recsys/trigger": "landing", "recsys/files": ",".join(changed)[:200]},
+        tags={**LANDING_TAG, "recsys/files": ",".join(changed)[:200]},
     )

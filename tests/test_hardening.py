@@ -195,3 +195,43 @@ def test_two_user_tables_in_a_files_folder_are_refused_with_both_names(tmp_path)
         files_plan(tmp_path)
     (tmp_path / "Users.tsv").unlink()
     assert files_plan(tmp_path).users is not None
+
+
+# --- 10. A file that keeps changing queues one landing run at a time ---------------------
+def test_landing_sensor_skips_while_a_landing_run_is_queued_or_running(tmp_path, monkeypatch):
+    import time as clock
+
+    import dagster as dg
+
+    from orchestration.automation import SETTLE_SECONDS, landing_sensor
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    landing = tmp_path / "home" / "landing"
+    landing.mkdir(parents=True)
+    path = landing / "events.csv"
+    path.write_text("user_id,item_id,rating,timestamp\n1,2,4,1600000000\n")
+    old = clock.time() - SETTLE_SECONDS - 10
+    os.utime(path, (old, old))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick(cursor=None):
+        with dg.build_sensor_context(cursor=cursor, instance=instance) as ctx:
+            return landing_sensor.evaluate_tick(ctx)
+
+    first = tick()
+    assert len(first.run_requests) == 1
+    tags = first.run_requests[0].tags
+    started = dg.DagsterRunStatus.STARTED
+    running = dg.DagsterRun(job_name="refresh_all", run_id="landing-run-1", status=started, tags=tags)
+    instance.add_run(running)
+
+    path.write_text("user_id,item_id,rating,timestamp\n1,2,4,1600000000\n1,3,5,1600000100\n")
+    os.utime(path, (old + 1, old + 1))
+    busy = tick(first.cursor)
+    assert not busy.run_requests and busy.cursor in (None, first.cursor)  # the change is kept for later
+    assert "landing-run-1" in busy.skip_message and "STARTED" in busy.skip_message
+    assert "events.csv" in busy.skip_message
+
+    instance.report_run_failed(instance.get_run_by_id("landing-run-1"))
+    after = tick(first.cursor)
+    assert len(after.run_requests) == 1, "the change made while the run was in flight is picked up after it"

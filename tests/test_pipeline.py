@@ -157,8 +157,10 @@ def test_landing_sensor(recsys_home):
     sensor = _defs().resolve_sensor_def("landing_sensor")
     landing = recsys_home / "landing"
 
+    instance = dg.DagsterInstance.ephemeral()  # the sensor looks for landing runs in flight
+
     def tick(cursor=None):
-        with dg.build_sensor_context(cursor=cursor, definitions=_defs()) as ctx:
+        with dg.build_sensor_context(cursor=cursor, definitions=_defs(), instance=instance) as ctx:
             data = sensor.evaluate_tick(ctx)
         return data
 
