@@ -12,7 +12,8 @@ import csv
 import gzip
 import zipfile
 import zlib
-from pathlib import Path
+from collections.abc import Collection
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -22,6 +23,10 @@ from common.io import is_storage_failure, storage_error
 # ml-32m unpacks to about 1 GB, so 8 GiB leaves room for real data and stops a zip bomb.
 # RECSYS_MAX_UNPACK_BYTES overrides it.
 MAX_UNPACKED_BYTES = 8 * 1024**3
+# Archives with more members than this are refused before anything is written: MovieLens
+# zips hold 5 to 25 files, so tens of thousands of (empty) members is a hostile or wrong
+# archive, each member costing a file and its checks. RECSYS_MAX_ZIP_MEMBERS overrides it.
+MAX_ZIP_MEMBERS = 10_000
 # The longest line a text input may have (RECSYS_MAX_LINE_BYTES overrides it). Real rows
 # are a few hundred bytes; a longer line means a corrupt file or lost line breaks, and
 # DuckDB would hold the whole line in memory (a 200 MB line costs about 400 MB of RAM).
@@ -52,13 +57,29 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
-def unpack_zip(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack ``archive`` into ``dest`` (a scratch folder); the archive is only read.
+def _wanted(name: str, only: Collection[str]) -> bool:
+    """A member named in ``only``, at the archive's top or one folder down (where the
+    layouts look); without ``only``, every member."""
+    parts = PurePosixPath(name).parts
+    return not only or (0 < len(parts) <= 2 and parts[-1] in only and parts[0] != "__MACOSX")
 
-    Refuses archives whose members would unpack past ``max_bytes`` (declared, checked before
-    anything is written, or actual, checked while writing), member names that would escape
-    ``dest``, and corrupt or truncated archives (bad CRC, sizes that lie), each with a
-    :class:`SourceError` naming the archive and what to do.
+
+def unpack_zip(
+    archive: Path,
+    dest: Path,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+    max_members: int = MAX_ZIP_MEMBERS,
+    only: Collection[str] = (),
+) -> Path:
+    """Unpack the members of ``archive`` named in ``only`` (file names, at the top or one
+    folder down; all members when empty) into ``dest`` (a scratch folder); the archive is
+    only read, and what the layout does not read is never written.
+
+    Refuses archives with more than ``max_members`` members, whose members would unpack past
+    ``max_bytes`` (declared, checked before anything is written, or actual, checked while
+    writing), encrypted members, member names that would escape ``dest``, and corrupt or
+    truncated archives (bad CRC, sizes that lie), each with a :class:`SourceError` naming
+    the archive and what to do.
     """
     limit = f"the limit of {human_bytes(max_bytes)} (RECSYS_MAX_UNPACK_BYTES={max_bytes})"
     fix = (
@@ -74,7 +95,27 @@ def unpack_zip(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -
     member = None
     with zf:
         infos = zf.infolist()
-        odd = [i.filename for i in infos if i.compress_type not in _ZIP_METHODS]
+        if len(infos) > max_members:
+            raise SourceError(
+                f"{archive} holds {len(infos)} members, over the limit of {max_members} "
+                f"(RECSYS_MAX_ZIP_MEMBERS={max_members}); nothing was unpacked. A MovieLens archive "
+                "holds a few dozen at most: check it is the right file, or if it is trusted, raise "
+                "RECSYS_MAX_ZIP_MEMBERS or unpack it yourself and point RECSYS_DATA_PATH at the folder."
+            )
+        wanted = [i for i in infos if _wanted(i.filename, only)]
+        if only and not any(not i.is_dir() for i in wanted):
+            raise SourceError(
+                f"{archive} holds none of the files {sorted(only)} at its top or one folder down "
+                f"(members: {[i.filename for i in infos[:10]]}); give the MovieLens archive as downloaded."
+            )
+        encrypted = [i.filename for i in wanted if i.flag_bits & 0x1]
+        if encrypted:
+            raise SourceError(
+                f"{archive}: member {encrypted[0]!r} is encrypted (password-protected); nothing was "
+                "unpacked. Decrypt it first: unpack the archive with its password and point "
+                "RECSYS_DATA_PATH at the folder."
+            )
+        odd = [i.filename for i in wanted if i.compress_type not in _ZIP_METHODS]
         if odd:
             raise SourceError(
                 f"{archive}: {odd[:3]} use a compression method Python's zipfile cannot read "
@@ -89,7 +130,7 @@ def unpack_zip(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -
         written = 0
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            for info in infos:
+            for info in wanted:
                 member = info.filename
                 target = (dest / info.filename).resolve()
                 if not target.is_relative_to(dest.resolve()):

@@ -25,6 +25,7 @@ import duckdb
 from ingest.guards import (
     MAX_LINE_BYTES,
     MAX_UNPACKED_BYTES,
+    MAX_ZIP_MEMBERS,
     SourceError,
     delimiter_hint,
     read_header,
@@ -35,6 +36,8 @@ from ingest.guards import (
 INTERACTION_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 USER_FIELDS = ("user_id", "gender", "age", "occupation", "zip_code")
 ITEM_FIELDS = ("item_id", "title", "year", "genres")
+MOVIELENS_FILES = ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat", "ratings.csv",
+                   "movies.csv")  # the files the layouts read: all an archive is unpacked for
 
 # The 19 genre flags of ml-100k's u.item, in file order (u.genre lists the same).
 ML100K_GENRES = (
@@ -247,12 +250,10 @@ def _find_layout_root(folder: Path) -> Path:
 
 
 def movielens_plan(
-    path: Path,
-    scratch: Path,
-    max_unpack_bytes: int = MAX_UNPACKED_BYTES,
-    max_line_bytes: int = MAX_LINE_BYTES,
-) -> SourcePlan:
-    """Detect the GroupLens layout of a folder or zip and describe its tables."""
+    path: Path, scratch: Path, max_unpack_bytes: int = MAX_UNPACKED_BYTES,
+    max_line_bytes: int = MAX_LINE_BYTES, max_zip_members: int = MAX_ZIP_MEMBERS,
+) -> SourcePlan:  # fmt: skip
+    """Detect the GroupLens layout of a folder or zip (only its MOVIELENS_FILES are unpacked)."""
     if not path.exists():
         raise SourceError(f"{path} does not exist: point RECSYS_DATA_PATH at a MovieLens folder or zip.")
     if path.is_file():
@@ -262,10 +263,8 @@ def movielens_plan(
                     f"{path} is not a zip archive that can be read (truncated or corrupt: no zip directory "
                     "at its end); re-download or re-copy it."
                 )
-            raise SourceError(
-                f"{path} is a file but not a zip: give the MovieLens folder or its .zip archive."
-            )
-        path = unpack_zip(path, scratch / "unzipped", max_bytes=max_unpack_bytes)
+            raise SourceError(f"{path} is a file but not a zip: give the MovieLens folder or its .zip file.")
+        path = unpack_zip(path, scratch / "unzipped", max_unpack_bytes, max_zip_members, MOVIELENS_FILES)
     root = _find_layout_root(path)
     if (root / "u.data").is_file():
         plan = _ml100k(root)

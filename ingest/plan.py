@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from common.io import wrapped_storage_error
-from ingest.guards import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, SourceError
+from ingest.guards import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, MAX_ZIP_MEMBERS, SourceError
 from ingest.layouts import (
     INTERACTION_FIELDS,
     ITEM_FIELDS,
@@ -61,19 +61,21 @@ def build_plan(
     encoding: str = "utf-8",
     max_line_bytes: int = MAX_LINE_BYTES,
     max_unpack_bytes: int = MAX_UNPACKED_BYTES,
+    max_zip_members: int = MAX_ZIP_MEMBERS,
 ) -> SourcePlan:
     """The plan of ``source``. ``encoding`` is the ``files`` source's csv/tsv encoding,
-    ``max_line_bytes`` the longest text line accepted, ``max_unpack_bytes`` the zip-bomb
-    guard of a MovieLens archive (RECSYS_FILES_ENCODING, RECSYS_MAX_LINE_BYTES,
-    RECSYS_MAX_UNPACK_BYTES)."""
+    ``max_line_bytes`` the longest text line accepted, ``max_unpack_bytes`` and
+    ``max_zip_members`` the zip-bomb guards of a MovieLens archive (RECSYS_FILES_ENCODING,
+    RECSYS_MAX_LINE_BYTES, RECSYS_MAX_UNPACK_BYTES, RECSYS_MAX_ZIP_MEMBERS)."""
     if source == "synthetic":
         return synthetic_plan(scratch, **(synthetic or {}))
     if data_path is None:
         raise SourceError(f"source {source!r} needs a data path (RECSYS_DATA_PATH).")
     if source == "movielens":
         return movielens_plan(
-            data_path, scratch, max_unpack_bytes=max_unpack_bytes, max_line_bytes=max_line_bytes
-        )
+            data_path, scratch, max_unpack_bytes=max_unpack_bytes, max_line_bytes=max_line_bytes,
+            max_zip_members=max_zip_members,
+        )  # fmt: skip
     if source == "files":
         return files_plan(data_path, column_map, encoding=encoding, max_line_bytes=max_line_bytes)
     raise SourceError(f"Unknown source {source!r}: use synthetic, movielens or files.")

@@ -64,6 +64,7 @@ def land(
             encoding=settings.files_encoding,
             max_line_bytes=settings.max_line_bytes,
             max_unpack_bytes=settings.max_unpack_bytes,
+            max_zip_members=settings.max_zip_members,
         )
         log(f"ingesting layout {plan.layout} ({'; '.join(plan.notes) or 'no notes'})")
         report = ingest(con, plan)

@@ -23,6 +23,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 | ``RECSYS_MAX_LINE_BYTES`` | 1048576 | longest line an input text file may have (longer: ingest stops) |
 | ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a MovieLens zip may unpack to (zip-bomb guard) |
+| ``RECSYS_MAX_ZIP_MEMBERS`` | 10000 | most members a MovieLens zip may hold (zip-bomb guard) |
 | ``RECSYS_FILES_ENCODING`` | ``utf-8`` | ``files``: encoding of csv/tsv, ``utf-8`` \\| ``latin-1`` |
 """
 
@@ -33,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ingest.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES
+from ingest.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, MAX_ZIP_MEMBERS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "transforms"
@@ -42,9 +43,10 @@ SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
 # The input guards' defaults (reasons beside them in ingest/guards.py):
-# 1 MiB per text line, 8 GiB unpacked per MovieLens zip.
+# 1 MiB per text line, 8 GiB unpacked and 10,000 members per MovieLens zip.
 DEFAULT_MAX_LINE_BYTES = MAX_LINE_BYTES
 DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
+DEFAULT_MAX_ZIP_MEMBERS = MAX_ZIP_MEMBERS
 
 
 class SettingsError(ValueError):
@@ -142,6 +144,7 @@ class Settings:
     families: tuple[str, ...] = ()  # empty = every registered family
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_unpack_bytes: int = DEFAULT_MAX_UNPACK_BYTES
+    max_zip_members: int = DEFAULT_MAX_ZIP_MEMBERS
     files_encoding: str = "utf-8"
 
     @property
@@ -225,6 +228,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         families=tuple(f.strip() for f in (env.get("RECSYS_FAMILIES") or "").split(",") if f.strip()),
         max_line_bytes=_env_int(env, "RECSYS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES, 64),
         max_unpack_bytes=_env_int(env, "RECSYS_MAX_UNPACK_BYTES", DEFAULT_MAX_UNPACK_BYTES, 1),
+        max_zip_members=_env_int(env, "RECSYS_MAX_ZIP_MEMBERS", DEFAULT_MAX_ZIP_MEMBERS, 1),
         files_encoding=_env_choice(env, "RECSYS_FILES_ENCODING", "utf-8", ENCODINGS),
     )
 

@@ -1,0 +1,101 @@
+"""Hostile or odd input on the ingest readers: column names DuckDB gives a meaning to, zips
+that are encrypted or hold thousands of members, compressed files that unpack far past the
+limit, and timestamps DuckDB's cast would accept or refuse for the whole file. Each is either
+a row in ``raw.rejected_*`` with its reason or a :class:`SourceError` naming the file and
+what to do, never a raw DuckDB or zipfile error.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+from movielens_fixtures import toy, write_ml100k, zip_folder
+
+from ingest.guards import unpack_zip
+from ingest.layouts import SourceError, movielens_plan
+from ingest.plan import build_plan
+from pipeline.settings import load_settings
+
+# ------------------------------------------------------------------ zips
+
+
+def _encrypt_flag(archive: Path, member: str) -> None:
+    """Mark ``member`` encrypted (general-purpose flag bit 0) in its local and central
+    headers: what zipfile sees of a password-protected member, without a zip tool."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(archive.read_bytes())
+    data[info.header_offset + 6] |= 0x1
+    name = member.encode()
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46 : central + 46 + len(name)] != name:
+        central = data.find(b"PK\x01\x02", central + 4)
+    data[central + 8] |= 0x1
+    archive.write_bytes(bytes(data))
+
+
+def test_an_encrypted_member_is_refused_naming_archive_and_member(tmp_path):
+    archive = zip_folder(write_ml100k(tmp_path / "ml-100k", toy()), tmp_path / "ml-100k.zip")
+    _encrypt_flag(archive, "ml-100k/u.data")
+
+    with pytest.raises(SourceError) as info:
+        movielens_plan(archive, tmp_path / "scratch")
+
+    message = str(info.value)
+    assert "ml-100k.zip" in message and "'ml-100k/u.data' is encrypted" in message, message
+    assert "Decrypt it first" in message, message
+
+
+def _many_members(archive: Path, n: int) -> Path:
+    root = write_ml100k(archive.parent / "ml-100k", toy(n_users=5, n_items=6, per_user=3))
+    zip_folder(root, archive)
+    with zipfile.ZipFile(archive, "a") as zf:
+        for k in range(n):
+            zf.writestr(f"ml-100k/empty/{k}.txt", b"")
+    return archive
+
+
+def test_a_zip_of_twenty_thousand_empty_members_is_refused_before_unpacking(tmp_path):
+    archive = _many_members(tmp_path / "many.zip", 20_000)
+    dest = tmp_path / "out"
+
+    with pytest.raises(SourceError, match=r"many\.zip holds 200\d\d members, over the limit of 10000 "
+                                          r"\(RECSYS_MAX_ZIP_MEMBERS=10000\); nothing was unpacked"):
+        unpack_zip(archive, dest)
+    assert not dest.exists()
+
+
+def test_the_member_limit_is_read_from_the_environment(tmp_path):
+    archive = _many_members(tmp_path / "many.zip", 20)
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home"), "RECSYS_MAX_ZIP_MEMBERS": "10"})
+    assert settings.max_zip_members == 10
+    assert load_settings({"RECSYS_HOME": str(tmp_path / "home")}).max_zip_members == 10_000
+
+    with pytest.raises(SourceError, match=r"RECSYS_MAX_ZIP_MEMBERS=10\)"):
+        build_plan("movielens", archive, tmp_path / "scratch", max_zip_members=settings.max_zip_members)
+
+
+def test_only_the_files_the_layout_reads_are_unpacked(tmp_path):
+    archive = _many_members(tmp_path / "ml.zip", 3)
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("ml-100k/u.data.bak", b"old")
+        zf.writestr("ml-100k/deeper/u.data", b"not read")
+        zf.writestr("__MACOSX/ml-100k/._u.data", b"resource fork")
+    scratch = tmp_path / "scratch"
+
+    plan = movielens_plan(archive, scratch)
+
+    unpacked = sorted(str(p.relative_to(scratch / "unzipped")) for p in scratch.rglob("*") if p.is_file())
+    assert unpacked == ["ml-100k/u.data", "ml-100k/u.item", "ml-100k/u.user"]
+    assert plan.layout == "ml-100k"
+
+
+def test_a_zip_without_any_movielens_file_names_the_archive(tmp_path):
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("holiday/1.jpg", b"\xff\xd8")
+
+    with pytest.raises(SourceError, match=r"photos\.zip holds none of the files .*'u\.data'.*holiday/1\.jpg"):
+        movielens_plan(archive, tmp_path / "scratch")
