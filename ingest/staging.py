@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from common.io import StorageError, wrapped_storage_error
 from ingest.guards import SourceError, check_text_file, read_header, short_error
@@ -34,23 +37,7 @@ def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line
     fields = list(src.fields)
     if src.reader == "parquet":
         files = ", ".join(f"'{_q(f)}'" for f in src.files)
-        cols = ", ".join(f"{src.fields[c]} AS {c}" for c in fields)
-        try:
-            con.execute(
-                f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT filename AS source_file, "
-                f"file_row_number + 1 AS source_row, NULL::VARCHAR AS problem, {cols} "
-                f"FROM read_parquet([{files}], filename = true, file_row_number = true, "
-                "union_by_name = true)"
-            )
-            con.execute(f"SELECT count(*) FROM {name}").fetchone()  # reads every footer now
-        except duckdb.Error as exc:
-            about_input = any(str(f) in str(exc) for f in src.files)
-            if _duckdb_storage_error(exc, "", "") is not None and not about_input:
-                raise  # the warehouse's disk, not the input file: ingest() explains it
-            raise SourceError(
-                f"The {src.table} parquet files {[str(f) for f in src.files]} cannot be read "
-                f"({short_error(exc)}); re-export the damaged file."
-            ) from exc
+        _stage_parquet(con, src, name, files)
         return
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {name} (source_file VARCHAR, source_row BIGINT, "
@@ -71,6 +58,72 @@ def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line
                 f"{path} cannot be read as the {src.table} file of this layout ({short_error(exc)}). "
                 "Check its encoding and delimiter."
             ) from exc
+
+
+def _free_name(base: str, taken: set[str]) -> str:
+    """``base``, with underscores added until no column in ``taken`` has the name (DuckDB's
+    names ignore case)."""
+    while base in {t.lower() for t in taken}:
+        base += "_"
+    return base
+
+
+def _row_numbers(files: tuple[Path, ...]) -> pa.RecordBatchReader:
+    """``_recsys_k`` (the file's index in ``files``) and ``_recsys_row`` (1-based row in that
+    file) for every row of ``files`` in order, from the footers: the numbers DuckDB's
+    ``file_row_number`` would give, without a column name a file may also use."""
+    schema = pa.schema([("_recsys_k", pa.int32()), ("_recsys_row", pa.int64())])
+
+    def batches():
+        for k, path in enumerate(files):
+            n = pq.ParquetFile(path).metadata.num_rows
+            for start in range(0, n, 1 << 20):
+                rows = np.arange(start + 1, min(n, start + (1 << 20)) + 1, dtype=np.int64)
+                index = np.full(rows.size, k, np.int32)
+                yield pa.record_batch([pa.array(index), pa.array(rows)], schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def _stage_parquet(con, src: TableSource, name: str, files: str) -> None:
+    """Table ``name`` from the parquet ``files`` (SQL list items): only the layout's fields
+    are read, under their canonical names, so a file column called ``filename``, ``rowid``
+    or ``file_row_number`` is never confused with the ones DuckDB adds. Row numbers come
+    from :func:`_row_numbers`, joined by position (both read the files in order)."""
+    scan = f"read_parquet([{files}], union_by_name = true"
+    try:
+        columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan})").fetchall()}
+        fname = _free_name("_recsys_file", columns)  # DuckDB's name for each file, as it read it
+        fields = ", ".join(f'{src.fields[c]} AS "{c}"' for c in src.fields)
+        con.register("_recsys_rows", _row_numbers(src.files))
+        try:
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT p.source_file, r._recsys_row AS "
+                f"source_row, NULL::VARCHAR AS problem, p.* EXCLUDE (source_file), r._recsys_k "
+                f'FROM (SELECT "{fname}" AS source_file, {fields} FROM {scan}, filename = \'{fname}\')) p '
+                "POSITIONAL JOIN _recsys_rows r"
+            )
+        finally:
+            con.unregister("_recsys_rows")
+        # Both sides read whole files in order, so each file DuckDB read pairs with one index.
+        pairs, files_read, indexes = con.execute(
+            f"SELECT count(DISTINCT (source_file, _recsys_k)), count(DISTINCT source_file), "
+            f"count(DISTINCT _recsys_k) FROM {name}"
+        ).fetchone()
+        con.execute(f"ALTER TABLE {name} DROP COLUMN _recsys_k")
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        about_input = any(str(f) in str(exc) for f in src.files)
+        if _duckdb_storage_error(exc, "", "") is not None and not about_input:
+            raise  # the warehouse's disk, not the input file: ingest() explains it
+        raise SourceError(
+            f"The {src.table} parquet files {[str(f) for f in src.files]} cannot be read "
+            f"({short_error(exc)}); re-export the damaged file."
+        ) from exc
+    if not pairs == files_read == indexes:
+        raise SourceError(
+            f"The {src.table} parquet files {[str(f) for f in src.files]} were read in a different "
+            "order by DuckDB and pyarrow, so row numbers cannot be given; report this with the files."
+        )
 
 
 def _read_options(src: TableSource, max_line_bytes: int) -> str:
@@ -178,34 +231,37 @@ def _stage_csv(con, src: TableSource, path: Path, name: str, max_line_bytes: int
     # a failed read of the whole file.
     header = read_header(path, src.delim, src.encoding, max_line_bytes)
     columns = ", ".join(f"'{_q(c)}': 'VARCHAR'" for c in header)
+    # Only the layout's fields leave the read, under their canonical names, with whether the
+    # record spans lines: a file column called rowid or _recsys_k cannot shadow ours below.
+    fields = ", ".join(f'{src.fields[c]} AS "{c}"' for c in src.fields)
+    spans = " OR ".join(f"""contains("{c.replace('"', '""')}", chr(10))""" for c in header)
     _fresh_rejects(con)
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE _csv AS SELECT * FROM read_csv('{_q(path)}', "
+        f"CREATE OR REPLACE TEMP TABLE _csv AS SELECT {fields}, ({spans}) AS _recsys_spans "
+        f"FROM read_csv('{_q(path)}', "
         f"columns = {{{columns}}}, header = true, delim = '{_q(src.delim)}', quote = '\"', "
         f"escape = '\"', {_read_options(src, max_line_bytes)})"
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _csv_numbered AS SELECT * FROM {_numbered(con, '_csv', 1)}")
-    _refuse_multiline_records(con, path, header)
-    cols = ", ".join(src.fields[c] for c in src.fields)
+    _refuse_multiline_records(con, path)
+    cols = ", ".join(f'"{c}"' for c in src.fields)
     con.execute(f"INSERT INTO {name} SELECT '{_q(path)}', _recsys_line, NULL, {cols} FROM _csv_numbered")
     _insert_rejected_lines(con, src, path, name, max_line_bytes)
 
 
-def _refuse_multiline_records(con, path: Path, header: list[str]) -> None:
+def _refuse_multiline_records(con, path: Path) -> None:
     """A quoted field may not contain a line break. An unclosed quote otherwise makes DuckDB
     read every following line (up to the next quote, or the end of the file) into one field,
     and those rows would vanish behind one rejected record: a silently smaller table. No
     field of these tables holds a line break, so a record that spans lines is a fault, and
     refusing it keeps every line number exact."""
-    quoted = ['"' + c.replace('"', '""') + '"' for c in header]
-    newline_in = " OR ".join(f"contains({c}, chr(10))" for c in quoted)
     rejected = con.execute(
         "SELECT line, length(csv_line) - length(replace(csv_line, chr(10), '')) "
         "- CASE WHEN suffix(csv_line, chr(10)) THEN 1 ELSE 0 END FROM _rejects "
         "WHERE contains(csv_line, chr(10)) ORDER BY line LIMIT 1"
     ).fetchone()
     accepted = con.execute(
-        f"SELECT _recsys_line FROM _csv_numbered WHERE {newline_in} ORDER BY 1 LIMIT 1"
+        "SELECT _recsys_line FROM _csv_numbered WHERE _recsys_spans ORDER BY 1 LIMIT 1"
     ).fetchone()
     starts = [r[0] for r in (rejected, accepted) if r]
     if not starts:

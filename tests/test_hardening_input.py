@@ -10,13 +10,93 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from movielens_fixtures import toy, write_ml100k, zip_folder
 
 from ingest.guards import unpack_zip
-from ingest.layouts import SourceError, movielens_plan
+from ingest.layouts import SourceError, files_plan, movielens_plan
+from ingest.loader import connect, ingest
 from ingest.plan import build_plan
 from pipeline.settings import load_settings
+
+EVENTS = {
+    "user_id": [1, 2, 3],
+    "item_id": [10, 20, 30],
+    "rating": [4.0, 3.5, 5.0],
+    "timestamp": [1_600_000_000, 1_600_000_100, 1_600_000_200],
+}
+
+
+def _write(df: pd.DataFrame, path: Path) -> Path:
+    if path.suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        df.to_csv(path, index=False)
+    return path
+
+
+def _ingest(tmp_path: Path, plan, **limits):
+    con = connect(tmp_path / "warehouse.duckdb")
+    try:
+        return ingest(con, plan, **limits), con
+    except BaseException:
+        con.close()
+        raise
+
+
+# ------------------------------------------------------------------ column names DuckDB uses
+
+
+ODD_NAMES = [
+    ("rowid", "csv"), ("rowid", "parquet"), ("_recsys_k", "csv"), ("_recsys_k", "parquet"),
+    ("filename", "parquet"), ("file_row_number", "parquet"), ("_recsys_line", "csv"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("odd,fmt", ODD_NAMES)
+def test_an_extra_column_with_a_name_duckdb_uses_is_harmless(tmp_path, odd, fmt):
+    df = pd.DataFrame({**EVENTS, odd: ["x", "y", "z"]})
+    path = _write(df, tmp_path / f"events.{fmt}")
+
+    report, con = _ingest(tmp_path, files_plan(path))
+
+    assert (report.interactions.rows, report.interactions.rejected) == (3, 0)
+    got = con.execute("SELECT user_id, item_id, ts, source_file, source_row FROM raw.interactions ORDER BY 1")
+    first_row = 2 if fmt == "csv" else 1  # the csv header is line 1
+    assert got.fetchall() == [
+        (u, i, t, str(path), first_row + k)
+        for k, (u, i, t) in enumerate(zip(EVENTS["user_id"], EVENTS["item_id"], EVENTS["timestamp"]))
+    ]
+    con.close()
+
+
+@pytest.mark.parametrize("odd,fmt", ODD_NAMES)
+def test_a_mapped_column_with_a_name_duckdb_uses_is_read(tmp_path, odd, fmt):
+    df = pd.DataFrame(EVENTS).rename(columns={"user_id": odd})
+    path = _write(df, tmp_path / f"events.{fmt}")
+
+    report, con = _ingest(tmp_path, files_plan(path, {"user_id": odd}))
+
+    assert (report.interactions.rows, report.interactions.rejected) == (3, 0)
+    assert con.execute("SELECT user_id FROM raw.interactions ORDER BY 1").fetchall() == [(1,), (2,), (3,)]
+    con.close()
+
+
+def test_odd_names_in_several_parquet_files_keep_each_file_and_row(tmp_path):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    a = _write(pd.DataFrame({**EVENTS, "filename": ["x"] * 3}), folder / "a.parquet")
+    b = pd.DataFrame({k: v[:2] for k, v in EVENTS.items()}).assign(item_id=[40, 50])
+    b = _write(b.assign(file_row_number=[7, 8]), folder / "b.parquet")
+
+    report, con = _ingest(tmp_path, files_plan(folder))
+
+    assert report.interactions.rows == 5
+    got = con.execute("SELECT item_id, source_file, source_row FROM raw.interactions ORDER BY 1").fetchall()
+    assert got == [(10, str(a), 1), (20, str(a), 2), (30, str(a), 3), (40, str(b), 1), (50, str(b), 2)]
+    con.close()
+
 
 # ------------------------------------------------------------------ zips
 
