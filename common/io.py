@@ -244,3 +244,35 @@ def exclusive_lock(path: Path | str, on_wait: Callable[[str], object] | None = N
         finally:
             held.discard(key)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path | str, shared: bool = True, wait: bool = True) -> Iterator[bool]:
+    """Hold an OS lock (``flock``) on the folder itself for the ``with`` block; yields whether it
+    is held.
+
+    Readers and writers of a folder take it shared and coexist; storage retention takes it
+    exclusive, without waiting (``wait=False``), before it moves the folder away, and skips the
+    folder when it is held. The lock is on the folder's inode, not its name, so once granted the
+    name is checked again: False also means the folder does not exist, or was moved or removed
+    while this holder waited. The kernel releases the lock when the holder exits, killed or not.
+    """
+    path = Path(folder)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except OSError:  # held by another (LOCK_NB), or a file system without locks: not held
+            yield False
+            return
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        yield same
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

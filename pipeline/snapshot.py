@@ -8,6 +8,7 @@ the marts it holds).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ import shutil
 from pathlib import Path
 
 import duckdb
+
+from common.io import folder_lock
 
 SPARSE_FIELDS = ("user_idx", "item_idx", "gender_idx", "age_idx", "occupation_idx", "genre_idx",
                  "year_idx", "hour_idx", "weekday_idx")  # fmt: skip
@@ -130,9 +133,12 @@ def write_snapshot(con: duckdb.DuckDBPyConnection, root: Path, extra_meta: dict 
     sweep_dead_temp_folders(root)
     fingerprint = marts_fingerprint(con)
     final = root / fingerprint
-    if (final / "meta.json").exists():
-        _add_build_info(final / "meta.json", build_info)
-        return final
+    with folder_lock(final) as held:  # storage retention cannot move it away while we look
+        if held and (final / "meta.json").exists():
+            _add_build_info(final / "meta.json", build_info)
+            with contextlib.suppress(OSError):  # a read-only home still reads its snapshot
+                os.utime(final)  # the newest snapshot is the one retention always keeps: reuse is use
+            return final
     tmp = root / f".{fingerprint}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

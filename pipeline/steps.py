@@ -9,6 +9,7 @@ without Dagster. ``log`` is anything with ``info`` and ``warning`` (Dagster's co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json
+from common.io import atomic_write_json, folder_lock
 from evaluation.evaluate import evaluate_onnx
 from export.family_export import export_family
 from export.registry import Blessing, Promotion, bless, promote_blessed
@@ -58,6 +59,28 @@ class Reuse:
             f"Reused the {stage} that run {self.record['run_id']} wrote for reuse key {self.key} (same "
             f"snapshot inputs, config, code and libraries): nothing recomputed. Folder: {self.record['path']}"
         )
+
+
+@contextlib.contextmanager
+def in_use(settings: Settings, family: str, *inputs: str | Path) -> Iterator[None]:
+    """Shared locks (``common.io.folder_lock``) on what a step reads and writes, held while it
+    runs: its family's artifacts folder (the reuse pointers, the run folders they name, the run
+    folder it writes), the artifacts folder of each family an input lies in, and every other
+    input folder (the snapshot). Storage retention (``pipeline/retention.py``) takes these locks
+    exclusively without waiting and leaves what is held alone, so nothing a running step uses
+    is deleted under it."""
+    artifacts = settings.artifacts_dir.resolve()
+    own = artifacts / family
+    own.mkdir(parents=True, exist_ok=True)
+    folders = {own}
+    for path in (Path(p).resolve() for p in inputs):
+        # artifacts/<family>/<run>/model -> artifacts/<family>
+        inside = path != artifacts and path.is_relative_to(artifacts)
+        folders.add(artifacts / path.relative_to(artifacts).parts[0] if inside else path)
+    with contextlib.ExitStack() as held:
+        for folder in sorted(folders):
+            held.enter_context(folder_lock(folder))
+        yield
 
 
 def jsonable(config: Any) -> dict:
@@ -125,35 +148,36 @@ def train(
         ValueError: the model config for this family is unreadable or has unknown fields.
     """
     upstream_dirs = dict(upstream_dirs or {})
-    config = parse_config(family.config_cls, family_configs(settings).get(family.name, {}))
-    parts = model_key_parts(
-        family.name, code_version, jsonable(config), snapshot_key(snapshot), upstream_dirs
-    )
-    key = reuse_key("model", parts)
-    cache = StepCache(settings.artifacts_dir, family.name, "model", (WEIGHTS_FILE, CONFIG_FILE))
-    hit = cache.lookup(key, log)
-    reuse = Reuse(key, hit)
-    if hit is not None:
-        out = Path(hit["path"])
-        saved = json.loads((out / CONFIG_FILE).read_text())
-        log.info(reuse.note("checkpoint"))
-        meta = saved.get("meta") or {}
-        return Trained(out, reuse, hit.get("fit_seconds", 0.0), saved.get("history") or [],
-                       saved.get("config") or {}, meta.get("upstream_models") or {})  # fmt: skip
-    start = time.perf_counter()
-    if family.upstream:
-        upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
-        model = family.fit(Snapshot(snapshot), config, log.info, upstream)
-        # saved in config.json's meta, read back by the export step into lineage.json
-        model.meta["upstream_models"] = upstream.used()
-    else:
-        model = family.fit(Snapshot(snapshot), config, log.info)
-    seconds = round(time.perf_counter() - start, 2)
-    out = settings.artifacts_dir / family.name / run_id / "model"
-    model.save(out)
-    cache.record(key, out, run_id, {"fit_seconds": seconds})
-    return Trained(out, reuse, seconds, model.history, jsonable(model.config),
-                   model.meta.get("upstream_models") or {})  # fmt: skip
+    with in_use(settings, family.name, snapshot, *upstream_dirs.values()):
+        config = parse_config(family.config_cls, family_configs(settings).get(family.name, {}))
+        parts = model_key_parts(
+            family.name, code_version, jsonable(config), snapshot_key(snapshot), upstream_dirs
+        )
+        key = reuse_key("model", parts)
+        cache = StepCache(settings.artifacts_dir, family.name, "model", (WEIGHTS_FILE, CONFIG_FILE))
+        hit = cache.lookup(key, log)
+        reuse = Reuse(key, hit)
+        if hit is not None:
+            out = Path(hit["path"])
+            saved = json.loads((out / CONFIG_FILE).read_text())
+            log.info(reuse.note("checkpoint"))
+            meta = saved.get("meta") or {}
+            return Trained(out, reuse, hit.get("fit_seconds", 0.0), saved.get("history") or [],
+                           saved.get("config") or {}, meta.get("upstream_models") or {})  # fmt: skip
+        start = time.perf_counter()
+        if family.upstream:
+            upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
+            model = family.fit(Snapshot(snapshot), config, log.info, upstream)
+            # saved in config.json's meta, read back by the export step into lineage.json
+            model.meta["upstream_models"] = upstream.used()
+        else:
+            model = family.fit(Snapshot(snapshot), config, log.info)
+        seconds = round(time.perf_counter() - start, 2)
+        out = settings.artifacts_dir / family.name / run_id / "model"
+        model.save(out)
+        cache.record(key, out, run_id, {"fit_seconds": seconds})
+        return Trained(out, reuse, seconds, model.history, jsonable(model.config),
+                       model.meta.get("upstream_models") or {})  # fmt: skip
 
 
 # --- export -------------------------------------------------------------------------------
@@ -172,35 +196,37 @@ def export(
     """ONNX export + parity gate + lineage, or the export of an earlier run with the same key.
 
     A failed parity gate is never recorded for reuse: the next run tries again."""
-    key = reuse_key(
-        "onnx",
-        {"model_dir": model_dir, "checkpoint": content_digest(Path(model_dir) / WEIGHTS_FILE),
-         "code_version": code_version, "export_code": code_digest("export"),
-         "model_code": code_digest("models", "common"), "packages": package_versions(),
-         "snapshot": snapshot_key(snapshot)},
-    )  # fmt: skip
-    cache = StepCache(settings.artifacts_dir, family.name, "onnx", ONNX_FILES)
-    hit = cache.lookup(key, log)
-    if hit is not None and not isinstance(hit.get("parity"), dict):
-        hit = None  # a pointer without its parity report cannot re-emit the check
-    reuse = Reuse(key, hit)
-    if hit is not None:
-        log.info(reuse.note("ONNX export"))
-        out = Path(hit["path"])
-        read = lambda name: json.loads((out / name).read_text())  # noqa: E731
-        return Exported(out, reuse, hit["parity"], read("lineage.json"), read("signature.json"))
-    out = settings.artifacts_dir / family.name / run_id / "onnx"
-    result = export_family(family=family, model_dir=Path(model_dir), snapshot_dir=Path(snapshot), out_dir=out,
-                           asset_code_version=code_version, run_id=run_id)  # fmt: skip
-    parity = {
-        "passed": bool(result.parity_passed),
-        "tolerance": result.parity_tolerance,
-        "max_abs_diff": float(result.parity_max_abs_diff),
-        "markdown": result.parity_markdown,
-    }
-    if parity["passed"]:
-        cache.record(key, out, run_id, {"parity": parity})
-    return Exported(out, reuse, parity, result.lineage, result.signature)
+    with in_use(settings, family.name, snapshot, model_dir):
+        key = reuse_key(
+            "onnx",
+            {"model_dir": model_dir, "checkpoint": content_digest(Path(model_dir) / WEIGHTS_FILE),
+             "code_version": code_version, "export_code": code_digest("export"),
+             "model_code": code_digest("models", "common"), "packages": package_versions(),
+             "snapshot": snapshot_key(snapshot)},
+        )  # fmt: skip
+        cache = StepCache(settings.artifacts_dir, family.name, "onnx", ONNX_FILES)
+        hit = cache.lookup(key, log)
+        if hit is not None and not isinstance(hit.get("parity"), dict):
+            hit = None  # a pointer without its parity report cannot re-emit the check
+        reuse = Reuse(key, hit)
+        if hit is not None:
+            log.info(reuse.note("ONNX export"))
+            out = Path(hit["path"])
+            read = lambda name: json.loads((out / name).read_text())  # noqa: E731
+            return Exported(out, reuse, hit["parity"], read("lineage.json"), read("signature.json"))
+        out = settings.artifacts_dir / family.name / run_id / "onnx"
+        result = export_family(family=family, model_dir=Path(model_dir), snapshot_dir=Path(snapshot),
+                               out_dir=out, asset_code_version=code_version, run_id=run_id)  # fmt: skip
+        parity = {
+            "passed": bool(result.parity_passed),
+            "tolerance": result.parity_tolerance,
+            "max_abs_diff": float(result.parity_max_abs_diff),
+            "markdown": result.parity_markdown,
+        }
+        if parity["passed"]:
+            # model_dir: storage retention keeps the checkpoint a kept registry version came from
+            cache.record(key, out, run_id, {"parity": parity, "model_dir": model_dir})
+        return Exported(out, reuse, parity, result.lineage, result.signature)
 
 
 # --- evaluate -----------------------------------------------------------------------------
@@ -238,31 +264,32 @@ def evaluate(
 ) -> Evaluated:  # fmt: skip
     """onnxruntime-only metrics on the test split (reused when the key matches), then the
     blessing against the popularity baseline and the last blessed version, decided every time."""
-    task = family.task.value
-    key = reuse_key(
-        "eval",
-        {"onnx_dir": onnx_dir, "onnx_sha256": content_digest(Path(onnx_dir) / "model.onnx"), "task": task,
-         "export_code": code_digest("export", "evaluation", "common"), "packages": package_versions(),
-         "snapshot": snapshot_key(snapshot)},
-    )  # fmt: skip
-    cache = StepCache(settings.artifacts_dir, family.name, "eval", ("metrics.json",))
-    hit = cache.lookup(key, log)
-    reuse = Reuse(key, hit)
-    if hit is not None:
-        log.info(reuse.note("evaluation"))
-        out = Path(hit["path"])
-        metrics = json.loads((out / "metrics.json").read_text())
-    else:
-        metrics = evaluate_onnx(Path(onnx_dir), Path(snapshot), task)
-        out = settings.artifacts_dir / family.name / run_id / "eval"
-        atomic_write_json(out / "metrics.json", metrics)
-        cache.record(key, out, run_id)
-    meta = json.loads((Path(snapshot) / "meta.json").read_text())
-    # compared with the blessed version's lineage.json data_fingerprint
-    data_version = (meta.get("upstream") or {}).get("raw_interactions")
-    blessing = bless(family.name, task, metrics, dict(popularity), settings.registry_dir,
-                     settings.bless_tolerance, data_version=data_version)  # fmt: skip
-    return Evaluated(out, reuse, metrics, blessing, data_version, dict(popularity))
+    with in_use(settings, family.name, snapshot, onnx_dir):
+        task = family.task.value
+        key = reuse_key(
+            "eval",
+            {"onnx_dir": onnx_dir, "onnx_sha256": content_digest(Path(onnx_dir) / "model.onnx"), "task": task,
+             "export_code": code_digest("export", "evaluation", "common"), "packages": package_versions(),
+             "snapshot": snapshot_key(snapshot)},
+        )  # fmt: skip
+        cache = StepCache(settings.artifacts_dir, family.name, "eval", ("metrics.json",))
+        hit = cache.lookup(key, log)
+        reuse = Reuse(key, hit)
+        if hit is not None:
+            log.info(reuse.note("evaluation"))
+            out = Path(hit["path"])
+            metrics = json.loads((out / "metrics.json").read_text())
+        else:
+            metrics = evaluate_onnx(Path(onnx_dir), Path(snapshot), task)
+            out = settings.artifacts_dir / family.name / run_id / "eval"
+            atomic_write_json(out / "metrics.json", metrics)
+            cache.record(key, out, run_id)
+        meta = json.loads((Path(snapshot) / "meta.json").read_text())
+        # compared with the blessed version's lineage.json data_fingerprint
+        data_version = (meta.get("upstream") or {}).get("raw_interactions")
+        blessing = bless(family.name, task, metrics, dict(popularity), settings.registry_dir,
+                         settings.bless_tolerance, data_version=data_version)  # fmt: skip
+        return Evaluated(out, reuse, metrics, blessing, data_version, dict(popularity))
 
 
 # --- promote ------------------------------------------------------------------------------
@@ -285,15 +312,16 @@ def promote(family: Family, evaluation: Mapping[str, Any], settings: Settings, r
         )
 
     staging = settings.artifacts_dir / family.name / run_id / "release"
-    promotion = promote_blessed(
-        family.name,
-        evaluation["onnx_dir"],
-        evaluation["metrics_path"],
-        settings.registry_dir,
-        staging,
-        on_wait=log.info,
-        recheck=recheck,
-    )
+    with in_use(settings, family.name, evaluation["onnx_dir"], evaluation["metrics_path"]):
+        promotion = promote_blessed(
+            family.name,
+            evaluation["onnx_dir"],
+            evaluation["metrics_path"],
+            settings.registry_dir,
+            staging,
+            on_wait=log.info,
+            recheck=recheck,
+        )
     if promotion.swept:
         log.warning(f"removed leftovers of interrupted promotions of {family.name}: {promotion.swept}")
     log.info(f"{family.name}: {promotion.note}")
