@@ -1,4 +1,5 @@
-"""When the graph runs: a nightly refresh of everything, and a sensor on the landing folder."""
+"""When the graph runs: a nightly refresh of everything, a sensor on the landing folder, and the
+nightly storage retention (``prune_storage``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from ingest.layouts import FILE_SUFFIXES
+from orchestration.assets.retention import prune_storage
 from pipeline.settings import SettingsError, load_settings
 
 # When the nightly refresh runs: a cron string in UTC. A deployment moves it without a code
@@ -49,6 +51,22 @@ nightly_refresh = dg.ScheduleDefinition(
         "Re-ingests the configured source and rebuilds everything downstream (02:00 UTC unless "
         "RECSYS_REFRESH_CRON says otherwise). Steps whose inputs did not change reuse their "
         "earlier output (metadata `reused`), so a refresh on unchanged data is cheap."
+    ),
+)
+
+# Three hours after the default refresh: a prune that finds a run still in flight skips, saying
+# so, and the next day's tick tries again.
+PRUNE_CRON = "0 5 * * *"
+
+nightly_prune = dg.ScheduleDefinition(
+    name="nightly_prune",
+    job=prune_storage,
+    cron_schedule=PRUNE_CRON,
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description=(
+        "Storage retention at 05:00 UTC (`prune_storage`): keeps the last RECSYS_KEEP_VERSIONS "
+        "registry versions per family, CURRENT and what they need, deletes the rest."
     ),
 )
 

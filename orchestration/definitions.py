@@ -1,5 +1,5 @@
 """The one Dagster code location: ingest -> dbt -> contracts -> train -> ONNX -> evaluate ->
-registry, scheduled nightly and sensed on a landing folder."""
+registry, scheduled nightly and sensed on a landing folder; storage retention pruned nightly."""
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
@@ -9,9 +9,10 @@ from orchestration.assets.contracts import mart_contracts
 from orchestration.assets.evaluation import baseline_metrics, build_leaderboard_asset
 from orchestration.assets.families import build_family_assets
 from orchestration.assets.ingest import raw_tables
+from orchestration.assets.retention import prune_storage, storage_retention
 from orchestration.assets.snapshot import training_snapshot
 from orchestration.assets.transforms import DBT_EXECUTABLE, dbt_project, transforms
-from orchestration.automation import landing_sensor, nightly_refresh, refresh_all
+from orchestration.automation import landing_sensor, nightly_prune, nightly_refresh, refresh_all
 from orchestration.resources import WarehouseResource
 from pipeline.settings import SettingsError, load_settings
 
@@ -48,10 +49,11 @@ defs = dg.Definitions(
         baseline_metrics,
         *[asset for name in FAMILY_NAMES for asset in build_family_assets(name)],
         build_leaderboard_asset(FAMILY_NAMES),
+        storage_retention,  # reported by the prune_storage job, never part of a graph run
     ],
     asset_checks=[mart_contracts],
-    jobs=[refresh_all],
-    schedules=[nightly_refresh],
+    jobs=[refresh_all, prune_storage],
+    schedules=[nightly_refresh, nightly_prune],
     sensors=[landing_sensor],
     resources={
         "warehouse": WarehouseResource(),

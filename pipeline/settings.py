@@ -25,6 +25,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a MovieLens zip may unpack to (zip-bomb guard) |
 | ``RECSYS_MAX_ZIP_MEMBERS`` | 10000 | most members a MovieLens zip may hold (zip-bomb guard) |
 | ``RECSYS_FILES_ENCODING`` | ``utf-8`` | ``files``: encoding of csv/tsv, ``utf-8`` \\| ``latin-1`` |
+| ``RECSYS_KEEP_VERSIONS`` | 5 | registry versions ``prune_storage`` keeps per family (plus ``CURRENT``) |
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an ex
 # 1 MiB per text line, 8 GiB unpacked and 10,000 members per MovieLens zip.
 DEFAULT_MAX_LINE_BYTES = MAX_LINE_BYTES
 DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
+DEFAULT_KEEP_VERSIONS = 5
 DEFAULT_MAX_ZIP_MEMBERS = MAX_ZIP_MEMBERS
 
 
@@ -146,6 +148,9 @@ class Settings:
     max_unpack_bytes: int = DEFAULT_MAX_UNPACK_BYTES
     max_zip_members: int = DEFAULT_MAX_ZIP_MEMBERS
     files_encoding: str = "utf-8"
+    # Five recent versions to roll back to (a nightly refresh promotes at most one per family);
+    # older ones, and the snapshots and artifacts only they needed, are pruned (retention.py).
+    keep_versions: int = DEFAULT_KEEP_VERSIONS
 
     @property
     def warehouse(self) -> Path:
@@ -230,6 +235,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_unpack_bytes=_env_int(env, "RECSYS_MAX_UNPACK_BYTES", DEFAULT_MAX_UNPACK_BYTES, 1),
         max_zip_members=_env_int(env, "RECSYS_MAX_ZIP_MEMBERS", DEFAULT_MAX_ZIP_MEMBERS, 1),
         files_encoding=_env_choice(env, "RECSYS_FILES_ENCODING", "utf-8", ENCODINGS),
+        keep_versions=_env_int(env, "RECSYS_KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, 1),
     )
 
 
