@@ -16,6 +16,8 @@ from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from common.io import is_storage_failure, storage_error
 
@@ -182,14 +184,17 @@ def _binary_error(path: Path, encoding: str, head: bytes) -> SourceError | None:
     )
 
 
-def check_text_file(path: Path, max_line_bytes: int, encoding: str = "utf-8") -> None:
+def check_text_file(
+    path: Path, max_line_bytes: int, encoding: str = "utf-8", max_unpack_bytes: int = MAX_UNPACKED_BYTES
+) -> None:
     """Refuse a text input DuckDB should not be handed, before it reads it: a line longer
     than ``max_line_bytes`` (DuckDB would hold it whole in memory; such a file is corrupt or
     lost its line breaks), NUL bytes in the first 64 KiB (a binary file, not text), a
     carriage return that does not end a line (binary data or old Mac line endings; DuckDB's
-    parser stops on it with no line number), or a truncated/corrupt ``.gz``. One pass with
-    numpy over 16 MiB blocks (about 1 s per GB), memory bounded by the block size whatever
-    the line lengths.
+    parser stops on it with no line number), a truncated/corrupt ``.gz``, or a ``.gz`` that
+    unpacks past ``max_unpack_bytes`` (a gzip bomb: its rows would all be read and stored).
+    One pass with numpy over 16 MiB blocks (about 1 s per GB), memory bounded by the block
+    size whatever the line lengths.
 
     Raises:
         SourceError: naming the file, the line and what to do.
@@ -213,10 +218,20 @@ def check_text_file(path: Path, max_line_bytes: int, encoding: str = "utf-8") ->
             "or replace it."
         )
 
+    gz, unpacked = path.name.lower().endswith(".gz"), 0
     try:
         with _open_text_bytes(path) as fh:
             first = True
             while chunk := fh.read(1 << 24):
+                unpacked += len(chunk)
+                if gz and unpacked > max_unpack_bytes:
+                    raise SourceError(
+                        f"{path} unpacks past the limit of {human_bytes(max_unpack_bytes)} "
+                        f"(RECSYS_MAX_UNPACK_BYTES={max_unpack_bytes}) from "
+                        f"{human_bytes(path.stat().st_size)}; refusing it before reading a row. If the "
+                        "file is trusted, raise RECSYS_MAX_UNPACK_BYTES, or unpack it yourself (gunzip) "
+                        "and give the .csv."
+                    )
                 if first and (binary := _binary_error(path, encoding, chunk[:65536])) is not None:
                     raise binary
                 first = False
@@ -253,6 +268,32 @@ def check_text_file(path: Path, max_line_bytes: int, encoding: str = "utf-8") ->
         ) from exc
     except OSError as exc:
         raise SourceError(f"{path} cannot be read ({exc}).") from exc
+
+
+def check_parquet_file(path: Path, max_unpack_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """Refuse a parquet file whose column data, once decompressed, is over ``max_unpack_bytes``:
+    the footer's uncompressed size of every row group, read without the data. This is the
+    codec's compression (zstd, gzip, snappy), the analogue of a zip or ``.gz`` bomb; what
+    parquet's encodings (dictionary, run lengths) expand on decoding is not counted, but each
+    row is one staged row and DuckDB spills those to disk.
+
+    Raises:
+        SourceError: naming the file, both sizes and the setting.
+    """
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(
+            f"{path} cannot be read as parquet ({short_error(exc)}); re-export it."
+        ) from exc
+    unpacked = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if unpacked > max_unpack_bytes:
+        raise SourceError(
+            f"{path} unpacks to {human_bytes(unpacked)} of column data (footer) from "
+            f"{human_bytes(path.stat().st_size)}, over the limit of {human_bytes(max_unpack_bytes)} "
+            f"(RECSYS_MAX_UNPACK_BYTES={max_unpack_bytes}); nothing was read. If the file is "
+            "trusted, raise RECSYS_MAX_UNPACK_BYTES, or split it into smaller files."
+        )
 
 
 _DELIM_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}

@@ -9,13 +9,16 @@ Rules, applied in this order (the first that fails is the row's ``reason``):
 * users/items: the id is a non-negative integer that no earlier row used. Unusable
   optional features (an age that is not a number, a gender other than M/F) become NULL.
 
-Rejected rows land in ``raw.rejected_*`` with the row as read and the reason; nothing is
-silently dropped. Lines DuckDB cannot parse at all (wrong field count in a quoted csv, bytes
+Rejected rows land in ``raw.rejected_*`` with the row as read and the reason, the first
+``max_rejected_per_reason`` of each reason (RECSYS_MAX_REJECTED_ROWS_PER_REASON), each with
+``reason_rows``, the exact number of rows rejected for that reason; nothing is silently
+dropped. Lines DuckDB cannot parse at all (wrong field count in a quoted csv, bytes
 that are not the file's encoding, an unterminated quote, a record longer than
 ``max_line_bytes``) are quarantined the same way, with their line number. Whole-file faults
 stop the ingest with a :class:`SourceError` naming the file: binary data, a line longer
 than ``max_line_bytes`` (checked before DuckDB reads the file), a truncated ``.gz``, a
-users/items file of which no row is usable. The input files are only read. All six tables
+``.gz`` or parquet file that unpacks past ``max_unpack_bytes``, a users/items file of which
+no row is usable. The input files are only read. All six tables
 are built as ``*__new`` and swapped in one transaction, so a failed ingest (a full or
 read-only disk included) leaves the previous raw tables intact.
 
@@ -32,10 +35,17 @@ from pathlib import Path
 import duckdb
 
 from common.io import is_storage_failure, storage_error
-from ingest.guards import SourceError, short_error
+from ingest.guards import MAX_UNPACKED_BYTES, SourceError, short_error
 from ingest.layouts import SourcePlan
 from ingest.staging import _duckdb_storage_error
-from ingest.validation import _derive_entities, _load_entities, _load_interactions
+from ingest.validation import (
+    MAX_REJECTED_ROWS_PER_REASON,
+    Limits,
+    _derive_entities,
+    _load_entities,
+    _load_interactions,
+    rejected_by_reason,
+)
 
 RAW_TABLES = ("interactions", "users", "items")
 
@@ -157,8 +167,16 @@ def _swap(con) -> None:
         raise
 
 
-def ingest(con: duckdb.DuckDBPyConnection, plan: SourcePlan) -> IngestReport:
+def ingest(
+    con: duckdb.DuckDBPyConnection,
+    plan: SourcePlan,
+    max_unpack_bytes: int = MAX_UNPACKED_BYTES,
+    max_rejected_per_reason: int = MAX_REJECTED_ROWS_PER_REASON,
+) -> IngestReport:
     """Validate ``plan`` into ``raw.*``; on any error the previous raw tables stay as they were.
+    ``max_unpack_bytes`` bounds what a ``.gz`` or parquet file may unpack to
+    (RECSYS_MAX_UNPACK_BYTES); ``raw.rejected_*`` keep ``max_rejected_per_reason`` rows of
+    each reason (RECSYS_MAX_REJECTED_ROWS_PER_REASON), the report counts them all.
 
     Raises:
         SourceError: the input cannot be used (the message names the file, and the line
@@ -168,7 +186,7 @@ def ingest(con: duckdb.DuckDBPyConnection, plan: SourcePlan) -> IngestReport:
     db_path = _database_path(con)
     kept = "The previous raw tables are kept (the swap is one transaction)."
     try:
-        return _ingest(con, plan)
+        return _ingest(con, plan, Limits(plan.max_line_bytes, max_unpack_bytes, max_rejected_per_reason))
     except duckdb.Error as exc:
         _drop_new_after_failure(con)
         storage = _duckdb_storage_error(exc, db_path, kept)
@@ -183,15 +201,12 @@ def ingest(con: duckdb.DuckDBPyConnection, plan: SourcePlan) -> IngestReport:
         raise
 
 
-def _ingest(con: duckdb.DuckDBPyConnection, plan: SourcePlan) -> IngestReport:
-    max_line_bytes = plan.max_line_bytes
+def _ingest(con: duckdb.DuckDBPyConnection, plan: SourcePlan, limits: Limits) -> IngestReport:
     con.execute("CREATE SCHEMA IF NOT EXISTS raw")
     _drop_new(con)  # leftovers of a run that died half-way
-    _load_entities(con, plan.users, "users", "user_id", max_line_bytes)
-    _load_entities(con, plan.items, "items", "item_id", max_line_bytes)
-    _load_interactions(
-        con, plan.interactions, plan.users is not None, plan.items is not None, max_line_bytes
-    )
+    _load_entities(con, plan.users, "users", "user_id", limits)
+    _load_entities(con, plan.items, "items", "item_id", limits)
+    _load_interactions(con, plan.interactions, plan.users is not None, plan.items is not None, limits)
     if plan.users is None:
         _derive_entities(con, "users", "user_id")
     if plan.items is None:
@@ -200,12 +215,7 @@ def _ingest(con: duckdb.DuckDBPyConnection, plan: SourcePlan) -> IngestReport:
     for table in RAW_TABLES:
         src = {"interactions": plan.interactions, "users": plan.users, "items": plan.items}[table]
         rows, fp = fingerprint(con, f"raw.{table}__new")
-        by_reason = dict(
-            con.execute(
-                f"SELECT reason, count(*) FROM raw.rejected_{table}__new "
-                "GROUP BY reason ORDER BY count(*) DESC"
-            ).fetchall()
-        )
+        by_reason = rejected_by_reason(con, f"raw.rejected_{table}__new")
         reports[table] = TableReport(
             table=table,
             rows=rows,

@@ -15,7 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.io import StorageError, wrapped_storage_error
-from ingest.guards import SourceError, check_text_file, read_header, short_error
+from ingest.guards import (
+    MAX_UNPACKED_BYTES,
+    SourceError,
+    check_parquet_file,
+    check_text_file,
+    read_header,
+    short_error,
+)
 from ingest.layouts import TableSource
 
 
@@ -32,12 +39,13 @@ def _q(value: object) -> str:
 # ----------------------------------------------------------------- staging candidates
 
 
-def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line_bytes: int) -> None:
+def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line_bytes: int,
+           max_unpack_bytes: int = MAX_UNPACKED_BYTES) -> None:  # fmt: skip
     """Create relation ``name`` with source_file, source_row, problem and one column per field."""
     fields = list(src.fields)
     if src.reader == "parquet":
         files = ", ".join(f"'{_q(f)}'" for f in src.files)
-        _stage_parquet(con, src, name, files)
+        _stage_parquet(con, src, name, files, max_unpack_bytes)
         return
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {name} (source_file VARCHAR, source_row BIGINT, "
@@ -45,7 +53,7 @@ def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line
     )
     for path in src.files:
         # Whole-file faults first, in Python: DuckDB would buffer a 2 GB line whole.
-        check_text_file(path, max_line_bytes, src.encoding)
+        check_text_file(path, max_line_bytes, src.encoding, max_unpack_bytes)
         try:
             if src.reader == "lines":
                 _stage_lines(con, src, path, name, max_line_bytes)
@@ -85,11 +93,13 @@ def _row_numbers(files: tuple[Path, ...]) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def _stage_parquet(con, src: TableSource, name: str, files: str) -> None:
+def _stage_parquet(con, src: TableSource, name: str, files: str, max_unpack_bytes: int) -> None:
     """Table ``name`` from the parquet ``files`` (SQL list items): only the layout's fields
     are read, under their canonical names, so a file column called ``filename``, ``rowid``
     or ``file_row_number`` is never confused with the ones DuckDB adds. Row numbers come
     from :func:`_row_numbers`, joined by position (both read the files in order)."""
+    for path in src.files:
+        check_parquet_file(path, max_unpack_bytes)
     scan = f"read_parquet([{files}], union_by_name = true"
     try:
         columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan})").fetchall()}

@@ -1,21 +1,40 @@
 """The validation rules in SQL: typed columns, the reason each candidate row is rejected (the
 first rule that fails, in the order :mod:`ingest.loader` lists), and the ``raw.*__new`` /
-``raw.rejected_*__new`` tables they fill.
+``raw.rejected_*__new`` tables they fill (the first rows of each reason, each row with the
+exact count of its reason).
 
 No Dagster import: this is plain Python, testable alone.
 """
 
 from __future__ import annotations
 
-from ingest.guards import SourceError
+from dataclasses import dataclass
+
+from ingest.guards import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, SourceError
 from ingest.layouts import TableSource
 from ingest.staging import _stage
 
 # 1970-01-01 .. 2100-01-01: anything outside is almost surely milliseconds or garbage.
 MAX_TS = 4_102_444_800
+# Rejected rows kept per reason and table (RECSYS_MAX_REJECTED_ROWS_PER_REASON overrides it).
+# A thousand examples show what is wrong with a file; a broken 30 MB file would otherwise
+# store its 1.8M rows a second time. Every rejected row is still counted (``reason_rows``).
+MAX_REJECTED_ROWS_PER_REASON = 1000
 _INT_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
               "UINTEGER", "UBIGINT")  # fmt: skip
 _FLOAT_TYPES = ("FLOAT", "DOUBLE", "REAL")
+
+
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How far one ingest reads (line length, unpacked size of compressed files) and how many
+    rejected rows it keeps per reason."""
+
+    max_line_bytes: int = MAX_LINE_BYTES
+    max_unpack_bytes: int = MAX_UNPACKED_BYTES
+    max_rejected_per_reason: int = MAX_REJECTED_ROWS_PER_REASON
 
 
 # ----------------------------------------------------------------- typed expressions
@@ -63,12 +82,31 @@ def _as_text(col: str, typ: str) -> str:
 # ----------------------------------------------------------------- validation per table
 
 
-def _load_entities(con, src: TableSource | None, table: str, id_col: str, max_line_bytes: int) -> None:
+def _quarantine(con, checked: str, rejected: str, columns: str, keep: int) -> None:
+    """``rejected``: the first ``keep`` rows of each reason in ``checked`` (in file order),
+    each with ``reason_rows``, the number of rows rejected for that reason in all."""
+    con.execute(
+        f"CREATE TABLE {rejected} AS SELECT {columns}, reason, count(*) OVER (PARTITION BY reason) "
+        f"AS reason_rows FROM {checked} WHERE reason IS NOT NULL QUALIFY row_number() OVER "
+        f"(PARTITION BY reason ORDER BY source_file, source_row) <= {int(keep)} "
+        "ORDER BY source_file, source_row"
+    )
+
+
+def rejected_by_reason(con, rejected: str) -> dict[str, int]:
+    """Reason -> rows rejected for it (kept or not), most frequent first."""
+    rows = con.execute(
+        f"SELECT reason, max(reason_rows) FROM {rejected} GROUP BY reason ORDER BY 2 DESC, 1"
+    ).fetchall()
+    return {reason: int(n) for reason, n in rows}
+
+
+def _load_entities(con, src: TableSource | None, table: str, id_col: str, limits: Limits) -> None:
     """users/items: stage, validate ids, normalise features into raw.<table>__new."""
     new, rej = f"raw.{table}__new", f"raw.rejected_{table}__new"
     if src is None:
         return
-    _stage(con, src, f"cand_{table}", max_line_bytes)
+    _stage(con, src, f"cand_{table}", limits.max_line_bytes, limits.max_unpack_bytes)
     t = _types(con, f"cand_{table}")
     fields = [c for c in src.fields]
     record = " || '|' || ".join(f"coalesce(CAST({c} AS VARCHAR), '')" for c in fields)
@@ -111,17 +149,13 @@ def _load_entities(con, src: TableSource | None, table: str, id_col: str, max_li
         "user_id, gender, age, occupation, zip_code" if table == "users" else ("item_id, title, year, genres")
     )
     con.execute(f"CREATE TABLE {new} AS SELECT {keep} FROM checked_{table} WHERE reason IS NULL")
-    con.execute(
-        f"CREATE TABLE {rej} AS SELECT source_file, source_row, record, reason "
-        f"FROM checked_{table} WHERE reason IS NOT NULL"
-    )
+    keep_rejected = limits.max_rejected_per_reason
+    _quarantine(con, f"checked_{table}", rej, "source_file, source_row, record", keep_rejected)
     kept = con.execute(f"SELECT count(*) FROM {new}").fetchone()[0]
     if kept == 0:
         # Every interaction would then be rejected as "not in the {table} table": say why here.
-        n_rejected = con.execute(f"SELECT count(*) FROM {rej}").fetchone()[0]
-        reasons = dict(
-            con.execute(f"SELECT reason, count(*) FROM {rej} GROUP BY 1 ORDER BY 2 DESC LIMIT 5").fetchall()
-        )
+        by_reason = rejected_by_reason(con, rej)
+        n_rejected, reasons = sum(by_reason.values()), dict(list(by_reason.items())[:5])
         raise SourceError(
             f"No row of the {table} file {[str(f) for f in src.files]} passed validation "
             f"({n_rejected} rejected: {reasons}). Fix or replace that file; the previous "
@@ -129,8 +163,8 @@ def _load_entities(con, src: TableSource | None, table: str, id_col: str, max_li
         )
 
 
-def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool, max_line_bytes: int) -> None:
-    _stage(con, src, "cand_interactions", max_line_bytes)
+def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool, limits: Limits) -> None:
+    _stage(con, src, "cand_interactions", limits.max_line_bytes, limits.max_unpack_bytes)
     t = _types(con, "cand_interactions")
     unknown_user = (
         "WHEN user_id NOT IN (SELECT user_id FROM raw.users__new) THEN 'user_id not in the users table' "
@@ -182,11 +216,11 @@ def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool, 
         "CREATE TABLE raw.interactions__new AS SELECT user_id, item_id, rating, ts, "
         "source_file, source_row FROM checked_interactions WHERE reason IS NULL"
     )
-    con.execute(
-        "CREATE TABLE raw.rejected_interactions__new AS SELECT source_file, source_row, "
-        "raw_user_id AS user_id, raw_item_id AS item_id, raw_rating AS rating, "
-        "raw_timestamp AS ts, reason FROM checked_interactions WHERE reason IS NOT NULL"
-    )
+    _quarantine(
+        con, "checked_interactions", "raw.rejected_interactions__new",
+        "source_file, source_row, raw_user_id AS user_id, raw_item_id AS item_id, raw_rating AS rating, "
+        "raw_timestamp AS ts", limits.max_rejected_per_reason,
+    )  # fmt: skip
 
 
 def _derive_entities(con, table: str, id_col: str) -> None:
@@ -203,5 +237,5 @@ def _derive_entities(con, table: str, id_col: str) -> None:
     )
     con.execute(
         f"CREATE TABLE raw.rejected_{table}__new (source_file VARCHAR, source_row BIGINT, "
-        "record VARCHAR, reason VARCHAR)"
+        "record VARCHAR, reason VARCHAR, reason_rows BIGINT)"
     )

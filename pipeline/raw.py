@@ -67,7 +67,10 @@ def land(
             max_zip_members=settings.max_zip_members,
         )
         log(f"ingesting layout {plan.layout} ({'; '.join(plan.notes) or 'no notes'})")
-        report = ingest(con, plan)
+        report = ingest(
+            con, plan, max_unpack_bytes=settings.max_unpack_bytes,
+            max_rejected_per_reason=settings.max_rejected_per_reason,
+        )  # fmt: skip
         stats = con.execute(
             "SELECT count(DISTINCT user_id), count(DISTINCT item_id), min(ts), max(ts), avg(rating) "
             "FROM raw.interactions"

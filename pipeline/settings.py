@@ -22,8 +22,9 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_MAX_CONCURRENT`` | 1 | steps run at once: 1 = one process per run (in-process executor) |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 | ``RECSYS_MAX_LINE_BYTES`` | 1048576 | longest line an input text file may have (longer: ingest stops) |
-| ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a MovieLens zip may unpack to (zip-bomb guard) |
+| ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a zip, ``.gz`` or parquet file may unpack to |
 | ``RECSYS_MAX_ZIP_MEMBERS`` | 10000 | most members a MovieLens zip may hold (zip-bomb guard) |
+| ``RECSYS_MAX_REJECTED_ROWS_PER_REASON`` | 1000 | rows ``raw.rejected_*`` keep per reason (all counted) |
 | ``RECSYS_FILES_ENCODING`` | ``utf-8`` | ``files``: encoding of csv/tsv, ``utf-8`` \\| ``latin-1`` |
 | ``RECSYS_KEEP_VERSIONS`` | 5 | registry versions ``prune_storage`` keeps per family (plus ``CURRENT``) |
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, MAX_ZIP_MEMBERS
+from ingest.validation import MAX_REJECTED_ROWS_PER_REASON
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "transforms"
@@ -44,11 +46,13 @@ SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
 # The input guards' defaults (reasons beside them in ingest/guards.py):
-# 1 MiB per text line, 8 GiB unpacked and 10,000 members per MovieLens zip.
+# 1 MiB per text line, 8 GiB unpacked per compressed file, 10,000 members per MovieLens zip,
+# 1,000 rejected rows kept per reason.
 DEFAULT_MAX_LINE_BYTES = MAX_LINE_BYTES
 DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
 DEFAULT_KEEP_VERSIONS = 5
 DEFAULT_MAX_ZIP_MEMBERS = MAX_ZIP_MEMBERS
+DEFAULT_MAX_REJECTED_ROWS_PER_REASON = MAX_REJECTED_ROWS_PER_REASON
 
 
 class SettingsError(ValueError):
@@ -147,6 +151,7 @@ class Settings:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_unpack_bytes: int = DEFAULT_MAX_UNPACK_BYTES
     max_zip_members: int = DEFAULT_MAX_ZIP_MEMBERS
+    max_rejected_per_reason: int = DEFAULT_MAX_REJECTED_ROWS_PER_REASON
     files_encoding: str = "utf-8"
     # Five recent versions to roll back to (a nightly refresh promotes at most one per family);
     # older ones, and the snapshots and artifacts only they needed, are pruned (retention.py).
@@ -234,6 +239,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_line_bytes=_env_int(env, "RECSYS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES, 64),
         max_unpack_bytes=_env_int(env, "RECSYS_MAX_UNPACK_BYTES", DEFAULT_MAX_UNPACK_BYTES, 1),
         max_zip_members=_env_int(env, "RECSYS_MAX_ZIP_MEMBERS", DEFAULT_MAX_ZIP_MEMBERS, 1),
+        max_rejected_per_reason=_env_int(
+            env, "RECSYS_MAX_REJECTED_ROWS_PER_REASON", DEFAULT_MAX_REJECTED_ROWS_PER_REASON, 1
+        ),
         files_encoding=_env_choice(env, "RECSYS_FILES_ENCODING", "utf-8", ENCODINGS),
         keep_versions=_env_int(env, "RECSYS_KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, 1),
     )

@@ -7,10 +7,13 @@ what to do, never a raw DuckDB or zipfile error.
 
 from __future__ import annotations
 
+import gzip
 import zipfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from movielens_fixtures import toy, write_ml100k, zip_folder
 
@@ -18,6 +21,7 @@ from ingest.guards import unpack_zip
 from ingest.layouts import SourceError, files_plan, movielens_plan
 from ingest.loader import connect, ingest
 from ingest.plan import build_plan
+from pipeline.raw import land
 from pipeline.settings import load_settings
 
 EVENTS = {
@@ -179,3 +183,105 @@ def test_a_zip_without_any_movielens_file_names_the_archive(tmp_path):
 
     with pytest.raises(SourceError, match=r"photos\.zip holds none of the files .*'u\.data'.*holiday/1\.jpg"):
         movielens_plan(archive, tmp_path / "scratch")
+
+
+# ------------------------------------------------------------------ compressed inputs, rejected rows
+
+
+def _land(tmp_path: Path, path: Path, **env: str):
+    """The pipeline's own path: settings from the environment, then plan and ingest."""
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home"), **env})
+    con = connect(tmp_path / "warehouse.duckdb")
+    try:
+        return land(con, settings, "files", path, None, tmp_path / "scratch", log=lambda _: None), con
+    except BaseException:
+        con.close()
+        raise
+
+
+def test_a_csv_gz_that_unpacks_past_the_limit_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "events.csv.gz"
+    path.write_bytes(gzip.compress(b"user_id,item_id,rating,timestamp\n" + b"x,y,z,w\n" * 250_000))
+    assert path.stat().st_size < 20_000  # 2 MB of rows in a few KB
+
+    with pytest.raises(SourceError) as info:
+        _land(tmp_path, path, RECSYS_MAX_UNPACK_BYTES="1000")
+
+    message = str(info.value)
+    assert "events.csv.gz unpacks past the limit of 1000 bytes (RECSYS_MAX_UNPACK_BYTES=1000)" in message
+    assert "raise RECSYS_MAX_UNPACK_BYTES" in message, message
+
+
+def test_a_csv_gz_within_the_limit_is_read(tmp_path):
+    path = tmp_path / "events.csv.gz"
+    path.write_bytes(gzip.compress(pd.DataFrame(EVENTS).to_csv(index=False).encode()))
+
+    landed, con = _land(tmp_path, path, RECSYS_MAX_UNPACK_BYTES="1000")
+
+    assert landed.report.interactions.rows == 3
+    con.close()
+
+
+def test_a_parquet_file_whose_columns_unpack_past_the_limit_is_refused(tmp_path):
+    # Plain-encoded constants that zstd packs to almost nothing: 1.6 MB per column unpacked.
+    n = 200_000
+    table = pa.table({"user_id": [1] * n, "item_id": [2] * n, "rating": [4.0] * n, "timestamp": [0] * n})
+    path = tmp_path / "events.parquet"
+    pq.write_table(table, path, use_dictionary=False, compression="zstd")
+    assert path.stat().st_size < 200_000  # 6.4 MB of column data
+
+    with pytest.raises(SourceError, match=r"events\.parquet unpacks to \d+\.\d MiB .*over the limit of "
+                                          r"1\.0 MiB \(RECSYS_MAX_UNPACK_BYTES=1048576\)"):
+        _land(tmp_path, path, RECSYS_MAX_UNPACK_BYTES=str(1 << 20))
+
+
+def _bad_rows(path: Path, n_rating: int, n_user: int) -> Path:
+    good = pd.DataFrame(EVENTS)
+    bad_rating = pd.DataFrame({"user_id": 5, "item_id": range(100, 100 + n_rating), "rating": 9.0,
+                               "timestamp": 1_600_000_000})  # fmt: skip
+    bad_user = pd.DataFrame({"user_id": "?", "item_id": range(n_user), "rating": 3.0,
+                             "timestamp": 1_600_000_000})  # fmt: skip
+    pd.concat([good, bad_rating, bad_user]).to_csv(path, index=False)
+    return path
+
+
+def test_rejected_rows_keep_the_first_n_per_reason_and_exact_counts(tmp_path):
+    path = _bad_rows(tmp_path / "events.csv", n_rating=50, n_user=30)
+
+    landed, con = _land(tmp_path, path, RECSYS_MAX_REJECTED_ROWS_PER_REASON="10")
+
+    report = landed.report.interactions
+    assert report.rows == 3
+    assert report.rejected == 80
+    assert report.rejected_by_reason == {"rating outside 0.5..5": 50,
+                                         "user_id is missing or not a non-negative integer": 30}  # fmt: skip
+    kept = con.execute(
+        "SELECT reason, count(*), min(source_row), max(source_row), min(reason_rows), max(reason_rows) "
+        "FROM raw.rejected_interactions GROUP BY reason ORDER BY reason"
+    ).fetchall()
+    assert kept == [("rating outside 0.5..5", 10, 5, 14, 50, 50),
+                    ("user_id is missing or not a non-negative integer", 10, 55, 64, 30, 30)]  # fmt: skip
+    con.close()
+
+
+def test_the_rejected_row_cap_defaults_to_a_thousand(tmp_path):
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    assert settings.max_rejected_per_reason == 1000
+    path = _bad_rows(tmp_path / "events.csv", n_rating=1005, n_user=2)
+
+    report, con = _ingest(tmp_path, files_plan(path))
+
+    assert report.interactions.rejected_by_reason["rating outside 0.5..5"] == 1005
+    assert con.execute("SELECT count(*) FROM raw.rejected_interactions").fetchone() == (1002,)
+    con.close()
+
+
+def test_a_side_table_with_no_usable_row_reports_exact_counts_past_the_cap(tmp_path):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    _write(pd.DataFrame(EVENTS), folder / "events.csv")
+    _write(pd.DataFrame({"user_id": ["?"] * 25, "gender": "M"}), folder / "users.csv")
+
+    with pytest.raises(SourceError, match=r"No row of the users file .* passed validation \(25 rejected: "
+                                          r"\{'user_id is missing or not a non-negative integer': 25\}\)"):
+        _ingest(tmp_path, files_plan(folder), max_rejected_per_reason=3)
