@@ -32,6 +32,7 @@ from ingest.guards import (
     short_error,
     unpack_zip,
 )
+from ingest.paths import FileStat, folder_members, read_pattern, refuse_links_out
 
 INTERACTION_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 USER_FIELDS = ("user_id", "gender", "age", "occupation", "zip_code")
@@ -70,6 +71,8 @@ class TableSource:
     header: bool = False
     n_fields: int | None = None  # ``lines`` only: the exact field count of a good line
     header_names: tuple[str, ...] = ()  # ``lines`` with header: the expected header
+    # Files the landing sensor listed: each must still have this size and mtime after its read.
+    settled: dict[Path, FileStat] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ def movielens_plan(
         plan = _ml1m(root)
     else:
         plan = _ml_latest(root)
+    refuse_links_out((f for t in (plan.interactions, plan.users, plan.items) if t for f in t.files), path)
     return dataclasses.replace(plan, max_line_bytes=max_line_bytes)
 
 
@@ -292,7 +296,8 @@ def _columns_of(path: Path, encoding: str, max_line_bytes: int) -> list[str]:
         return read_header(path, "\t" if suffix == ".tsv" else ",", encoding, max_line_bytes)
     con = duckdb.connect()
     try:
-        return list(con.sql(f"SELECT * FROM read_parquet('{_sql_str(path)}') LIMIT 0").columns)
+        pattern = read_pattern(con, path).replace("'", "''")
+        return list(con.sql(f"SELECT * FROM read_parquet('{pattern}') LIMIT 0").columns)
     except duckdb.Error as exc:
         raise SourceError(
             f"{path} cannot be read as parquet ({short_error(exc)}); the file is truncated, corrupt "
@@ -300,10 +305,6 @@ def _columns_of(path: Path, encoding: str, max_line_bytes: int) -> list[str]:
         ) from exc
     finally:
         con.close()
-
-
-def _sql_str(path: Path | str) -> str:
-    return str(path).replace("'", "''")
 
 
 def _file_table(
@@ -314,6 +315,7 @@ def _file_table(
     column_map: dict[str, str],
     encoding: str = "utf-8",
     max_line_bytes: int = MAX_LINE_BYTES,
+    settled: dict[str, FileStat] | None = None,
 ) -> TableSource:
     suffixes = {_suffix(f) for f in files}
     if len(suffixes) != 1:
@@ -349,6 +351,7 @@ def _file_table(
         delim="\t" if suffix == ".tsv" else ",",
         encoding=encoding,
         header=True,
+        settled={f: settled[f.name] for f in files} if settled else {},
     )
 
 
@@ -357,6 +360,7 @@ def files_plan(
     column_map: dict[str, str] | None = None,
     encoding: str = "utf-8",
     max_line_bytes: int = MAX_LINE_BYTES,
+    settled: dict[str, FileStat] | None = None,
 ) -> SourcePlan:
     """Interactions (and optional users/items) from csv/tsv/parquet files.
 
@@ -366,13 +370,14 @@ def files_plan(
     (0.5..5), ``timestamp`` (unix seconds or ISO-8601); users: ``user_id``, ``gender``,
     ``age``, ``occupation``, ``zip_code``; items: ``item_id``, ``title``, ``year``,
     ``genres`` ('|'-separated). Only the id columns (and rating, timestamp) are required.
-    csv/tsv files are read as ``encoding`` (``utf-8`` or ``latin-1``).
+    csv/tsv files are read as ``encoding`` (``utf-8`` or ``latin-1``). Dot-names (files being
+    copied in) are skipped; ``settled`` (the landing sensor's list) names exactly the files to read.
     """
     column_map = column_map or {}
-    opts = {"encoding": encoding, "max_line_bytes": max_line_bytes}
+    opts = {"encoding": encoding, "max_line_bytes": max_line_bytes, "settled": settled}
     if not path.exists():
         raise SourceError(f"{path} does not exist: point RECSYS_DATA_PATH at a csv/parquet file or folder.")
-    if path.is_file():
+    if path.is_file() and settled is None:
         if _suffix(path) is None:
             raise SourceError(f"{path} is not a .csv, .csv.gz, .tsv or .parquet file.")
         return SourcePlan(
@@ -380,7 +385,7 @@ def files_plan(
             _file_table("interactions", [path], INTERACTION_FIELDS, INTERACTION_FIELDS, column_map, **opts),
             max_line_bytes=max_line_bytes,
         )
-    candidates = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p))
+    candidates = folder_members(path, FILE_SUFFIXES, settled)
     side = {"users": None, "items": None}
     interaction_files = []
     for p in candidates:

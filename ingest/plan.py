@@ -16,6 +16,7 @@ from ingest.layouts import (
     files_plan,
     movielens_plan,
 )
+from ingest.paths import FileStat
 
 
 def _parquet_table(table: str, files: list[Path], fields: tuple[str, ...]) -> TableSource:
@@ -62,11 +63,19 @@ def build_plan(
     max_line_bytes: int = MAX_LINE_BYTES,
     max_unpack_bytes: int = MAX_UNPACKED_BYTES,
     max_zip_members: int = MAX_ZIP_MEMBERS,
+    settled: dict[str, FileStat] | None = None,
 ) -> SourcePlan:
     """The plan of ``source``. ``encoding`` is the ``files`` source's csv/tsv encoding,
     ``max_line_bytes`` the longest text line accepted, ``max_unpack_bytes`` and
     ``max_zip_members`` the zip-bomb guards of a MovieLens archive (RECSYS_FILES_ENCODING,
-    RECSYS_MAX_LINE_BYTES, RECSYS_MAX_UNPACK_BYTES, RECSYS_MAX_ZIP_MEMBERS)."""
+    RECSYS_MAX_LINE_BYTES, RECSYS_MAX_UNPACK_BYTES, RECSYS_MAX_ZIP_MEMBERS). ``settled``
+    (``files`` only: the landing sensor's list of file name -> size and mtime) names exactly
+    the files of the folder to read."""
+    if settled is not None and source != "files":
+        raise SourceError(
+            f"A list of settled files applies to the files source only, not {source!r}: leave the "
+            "list out of the run config, or set source to files."
+        )
     if source == "synthetic":
         return synthetic_plan(scratch, **(synthetic or {}))
     if data_path is None:
@@ -77,5 +86,7 @@ def build_plan(
             max_zip_members=max_zip_members,
         )  # fmt: skip
     if source == "files":
-        return files_plan(data_path, column_map, encoding=encoding, max_line_bytes=max_line_bytes)
+        return files_plan(
+            data_path, column_map, encoding=encoding, max_line_bytes=max_line_bytes, settled=settled
+        )
     raise SourceError(f"Unknown source {source!r}: use synthetic, movielens or files.")

@@ -24,6 +24,7 @@ from ingest.guards import (
     short_error,
 )
 from ingest.layouts import TableSource
+from ingest.paths import check_read, check_unchanged, read_pattern
 
 
 def _duckdb_storage_error(exc: BaseException, path: Path | str, kept: str) -> StorageError | None:
@@ -44,8 +45,12 @@ def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line
     """Create relation ``name`` with source_file, source_row, problem and one column per field."""
     fields = list(src.fields)
     if src.reader == "parquet":
-        files = ", ".join(f"'{_q(f)}'" for f in src.files)
+        files = ", ".join(f"'{_q(read_pattern(con, f))}'" for f in src.files)
         _stage_parquet(con, src, name, files, max_unpack_bytes)
+        read = con.execute(f"SELECT DISTINCT source_file FROM {name}").fetchall()
+        check_read(src.files, (r[0] for r in read), src.table)
+        for path, stat in src.settled.items():
+            check_unchanged(path, stat, while_reading=True)
         return
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {name} (source_file VARCHAR, source_row BIGINT, "
@@ -66,6 +71,8 @@ def _stage(con: duckdb.DuckDBPyConnection, src: TableSource, name: str, max_line
                 f"{path} cannot be read as the {src.table} file of this layout ({short_error(exc)}). "
                 "Check its encoding and delimiter."
             ) from exc
+        if path in src.settled:
+            check_unchanged(path, src.settled[path], while_reading=True)
 
 
 def _free_name(base: str, taken: set[str]) -> str:
@@ -205,7 +212,7 @@ def _stage_lines(con, src: TableSource, path: Path, name: str, max_line_bytes: i
     _fresh_rejects(con)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _lines_read AS SELECT rtrim(line, chr(13)) AS line "
-        f"FROM read_csv('{_q(path)}', columns = {{'line': 'VARCHAR'}}, header = false, "
+        f"FROM read_csv('{_q(read_pattern(con, path))}', columns = {{'line': 'VARCHAR'}}, header = false, "
         f"delim = chr(1), quote = '', escape = '', {_read_options(src, max_line_bytes)})"
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _lines AS SELECT * FROM {_numbered(con, '_lines_read', 0)}")
@@ -248,7 +255,7 @@ def _stage_csv(con, src: TableSource, path: Path, name: str, max_line_bytes: int
     _fresh_rejects(con)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _csv AS SELECT {fields}, ({spans}) AS _recsys_spans "
-        f"FROM read_csv('{_q(path)}', "
+        f"FROM read_csv('{_q(read_pattern(con, path))}', "
         f"columns = {{{columns}}}, header = true, delim = '{_q(src.delim)}', quote = '\"', "
         f"escape = '\"', {_read_options(src, max_line_bytes)})"
     )

@@ -75,15 +75,17 @@ SETTLE_SECONDS = 5.0
 
 
 def landing_files(folder: Path, now: float | None = None) -> dict[str, list[float]]:
-    """Settled data files in the landing folder: name -> [mtime, size]."""
+    """Settled data files in the landing folder: name -> [mtime, size]. A symbolic link out of
+    the folder is no landed file (the run would refuse it too)."""
     if not folder.is_dir():
         return {}
     now = time.time() if now is None else now
+    top = folder.resolve()
     found = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not p.is_file():
             continue
-        if not p.name.lower().endswith(FILE_SUFFIXES):
+        if not p.name.lower().endswith(FILE_SUFFIXES) or not p.resolve().is_relative_to(top):
             continue
         stat = p.stat()
         if now - stat.st_mtime < SETTLE_SECONDS:
@@ -112,7 +114,10 @@ def _landing_run_in_flight(instance: dg.DagsterInstance) -> dg.DagsterRun | None
     description=(
         "Watches $RECSYS_HOME/landing. When a csv/tsv/parquet file appears or changes, runs the "
         "whole graph with the landing folder as the `files` source (users.* and items.* there "
-        "are the side tables). Copy files in under a dot-name and rename them when complete."
+        "are the side tables). Copy files in under a dot-name and rename them when complete. The "
+        "run reads exactly the files this tick saw settled (its `files` config: name, size, "
+        "mtime) and stops, keeping the previous raw tables, if one changed since; the next tick "
+        "picks it up. Symbolic links out of the folder are ignored here and refused by the run."
     ),
 )
 def landing_sensor(context: dg.SensorEvaluationContext):
@@ -134,8 +139,11 @@ def landing_sensor(context: dg.SensorEvaluationContext):
     if not changed:
         return dg.SkipReason(f"only removals in {folder}")
     run_key = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:16]
+    # The run reads exactly the files seen settled here, and refuses one that changed since.
+    settled = [{"name": name, "size": int(size), "mtime": mtime} for name, (mtime, size) in current.items()]
+    config = {"source": "files", "data_path": str(folder), "files": settled}
     return dg.RunRequest(
         run_key=run_key,
-        run_config={"ops": {"raw_tables": {"config": {"source": "files", "data_path": str(folder)}}}},
+        run_config={"ops": {"raw_tables": {"config": config}}},
         tags={**LANDING_TAG, "recsys/files": ",".join(changed)[:200]},
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 
 from ingest.loader import IngestReport, ingest
+from ingest.paths import FileStat
 from ingest.plan import build_plan
 from pipeline.settings import SOURCES, Settings, SettingsError
 
@@ -43,8 +44,13 @@ def land(
     column_map: dict[str, str] | None,
     scratch: Path,
     log: Callable[[str], object],
+    settled: dict[str, FileStat] | None = None,
 ) -> Landed:
     """Read the source into ``raw.*`` (validated; bad rows to ``raw.rejected_*``).
+
+    ``settled`` (the landing sensor's list: file name -> size and mtime) makes a ``files``
+    folder read exactly those files, refusing any that changed since the list was made or
+    while it was read; without it the folder's files are read as they are.
 
     ``scratch`` holds generated parts and unpacked archives; it is removed afterwards, also on
     failure. Raises ``ingest.layouts.SourceError`` for input that cannot be read and
@@ -65,6 +71,7 @@ def land(
             max_line_bytes=settings.max_line_bytes,
             max_unpack_bytes=settings.max_unpack_bytes,
             max_zip_members=settings.max_zip_members,
+            settled=settled,
         )
         log(f"ingesting layout {plan.layout} ({'; '.join(plan.notes) or 'no notes'})")
         report = ingest(

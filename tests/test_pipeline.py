@@ -178,7 +178,9 @@ def test_landing_sensor(recsys_home):
     assert len(first.run_requests) == 1
     request = first.run_requests[0]
     config = request.run_config["ops"]["raw_tables"]["config"]
-    assert config == {"source": "files", "data_path": str(landing)}
+    stat = path.stat()
+    settled = [{"name": path.name, "size": stat.st_size, "mtime": stat.st_mtime}]
+    assert config == {"source": "files", "data_path": str(landing), "files": settled}
     assert "still-copying" not in request.tags["recsys/files"]
     assert json.loads(first.cursor).keys() == {path.name}
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from common.io import StorageError
 from ingest.layouts import SourceError
+from ingest.paths import FileStat
 from orchestration.assets.contracts import contract_check_result
 from orchestration.resources import WarehouseResource
 from pipeline.raw import Landed, land, resolve_source
@@ -34,12 +35,32 @@ RAW_DESCRIPTIONS = {
 RAW_KEYS = {table: dg.AssetKey(f"raw_{table}") for table in RAW_DESCRIPTIONS}
 
 
+class SettledFile(dg.Config):
+    """A file the landing sensor saw settled: read only while it still has this size and mtime."""
+
+    name: str  # a file name in data_path, no folders
+    size: int  # bytes
+    mtime: float  # seconds since the epoch, as os.stat's st_mtime
+
+
 class IngestConfig(dg.Config):
     """Per-run overrides of the source; empty fields fall back to the RECSYS_* variables."""
 
     source: str | None = None
     data_path: str | None = None
     column_map: dict[str, str] | None = None
+    # The landing sensor's list: the files source reads exactly these files of the data_path
+    # folder, and refuses one that changed since. Left out (by hand), the folder is read whole.
+    files: list[SettledFile] | None = None
+
+
+def _settled(config: IngestConfig) -> dict[str, FileStat] | None:
+    if config.files is None:
+        return None
+    names = [f.name for f in config.files]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise SettingsError(f"run config files lists {dupes} more than once; list each file once.")
+    return {f.name: FileStat(f.size, f.mtime) for f in config.files}
 
 
 @dg.multi_asset(
@@ -75,12 +96,13 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
         # Before any work: a read-only, full or missing RECSYS_HOME fails here, in one line.
         ensure_writable(settings.home, "RECSYS_HOME")
         source, data_path = resolve_source(settings, config.source, config.data_path)
+        settled = _settled(config)
     except SettingsError as exc:
         raise dg.Failure(description=str(exc)) from None
     try:
         with warehouse.connect() as con:
             landed = land(con, settings, source, data_path, config.column_map,
-                          settings.scratch_dir / context.run_id, context.log.info)  # fmt: skip
+                          settings.scratch_dir / context.run_id, context.log.info, settled)  # fmt: skip
             checks = [contract_check_result(con, f"raw_{t}", key, settings) for t, key in RAW_KEYS.items()]
     except (SourceError, StorageError) as exc:
         # Bad input or a full/read-only disk: the message names the file and the fix, and
