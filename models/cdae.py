@@ -51,6 +51,7 @@ from torch import nn
 
 from models.base import TOPK, TOPK_NOTES, ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.runtime import module_device
 from models.topk import NegativeSampler, SampledTraining, ValidNDCG, popularity
 from models.train import deterministic, train_torch
 
@@ -220,11 +221,13 @@ def _train_users(train: sp.csr_matrix) -> np.ndarray:
 def score_users(module: nn.Module, users: np.ndarray, train: sp.csr_matrix, batch: int = 256) -> np.ndarray:
     """Full-catalogue scores of ``users``, each fed their train item vector."""
     module.eval()
+    device = module_device(module)
     users = np.asarray(users, np.int64)
     out = []
     for lo in range(0, len(users), batch):
         u = users[lo : lo + batch]
-        out.append(module(torch.from_numpy(u), torch.from_numpy(user_item_rows(train, u))).numpy())
+        x = (torch.from_numpy(u).to(device), torch.from_numpy(user_item_rows(train, u)).to(device))
+        out.append(module(*x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, train.shape[1]), np.float32)
 
 
@@ -294,13 +297,9 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> CDAE:
         module = CDAEModule(snapshot.n_users, snapshot.n_items, config.hidden, config.init_std)
         module.popularity.copy_(popularity(snapshot))
         build = BatchBuilder(train, config, config.seed + 1)
-
-        def step_loss(m, batch):
-            return CDAE.loss(m, build(batch[0].numpy()), config)
-
         history = train_torch(
             module,
-            step_loss,
+            lambda m, b: CDAE.loss(m, b, config),
             (users,),
             validation,
             family="cdae",
@@ -313,6 +312,8 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> CDAE:
             patience=config.patience,
             seed=config.seed,
             log=log,
+            prepare=lambda batch: build(batch[0].numpy()),  # on the CPU, before the move to the device
+            max_minutes=config.max_minutes,
         )
     meta = {"n_users": snapshot.n_users, "n_items": snapshot.n_items}
     return CDAE(config, module.eval(), meta, history)

@@ -29,6 +29,7 @@ from torch import nn
 from common.metrics import auc
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.runtime import current_runtime, module_device
 from models.train import deterministic, train_torch
 
 Log = Callable[[str], None]
@@ -49,8 +50,14 @@ class CtrTraining:
     # Fraction of user/item ids replaced by the unknown bucket (0) while training.
     unknown_rate: float = 0.05
     seed: int = 0
+    # Time budget of the training loop in minutes (None = off): a scheduled run bounds its
+    # training with it; when it runs out the best validated epoch so far is kept and the model's
+    # metadata says budget_hit (models.train.train_torch).
+    max_minutes: float | None = None
 
     def __post_init__(self):
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or unset for no budget), got {self.max_minutes}")
         if not 0 <= self.unknown_rate < 1:
             raise ValueError(f"unknown_rate must be in [0, 1), got {self.unknown_rate}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.patience < 1:
@@ -111,8 +118,9 @@ def ctr_meta(snapshot: Snapshot) -> dict:
 
 def _has_both_classes(labels: np.ndarray) -> bool:
     """True if the labels (``[N]``, or ``[N, tasks]``: any task) hold both classes."""
-    columns = labels.reshape(len(labels), -1).T
-    return len(labels) > 0 and any(len(np.unique(col)) == 2 for col in columns)
+    if len(labels) == 0:
+        return False
+    return any(len(np.unique(col)) == 2 for col in labels.reshape(len(labels), -1).T)
 
 
 def train_ctr(
@@ -131,24 +139,34 @@ def train_ctr(
 ) -> tuple[nn.Module, list[dict]]:
     """Train ``build()`` on the train split of fct_ctr_samples, early stopping on ``metric`` over valid.
 
-    ``features(c)`` gives the module's inputs from ``Snapshot.ctr`` arrays (``sparse`` first: it
-    gets the unknown-id masking), ``labels(c)`` the targets (``[N]`` or ``[N, tasks]``). The
-    early-stopping rows are valid when they hold both classes (any task), else train (a tiny split).
+    ``features(c)`` gives the module's inputs from ``CtrArrays`` (``sparse`` first: it gets the
+    unknown-id masking), ``labels(c)`` the targets (``[N]`` or ``[N, tasks]``). The early-stopping
+    rows are valid when they hold both classes (any task), else train (a tiny split). The rows
+    are streamed from the parquet in row-group batches (``Snapshot.ctr_stream``), train shuffled
+    and valid in file order, unless the runtime asks for the in-memory arrays.
     """
-    train = snapshot.ctr("train", max_history=max_history)
-    if len(train) == 0:
+    rt = current_runtime()
+    data = CtrData(snapshot, max_history, features, labels, config.seed) if rt.stream else None
+    if data is None:
+        train = snapshot.ctr("train", max_history=max_history)
+        valid = snapshot.ctr("valid", max_history=max_history)
+        rows = (*features(train), labels(train))
+        ev = valid if _has_both_classes(labels(valid)) else train
+        ev_x, ev_y = features(ev), labels(ev)
+        score = lambda m: metric(predict_logits(m, *ev_x), ev_y)  # noqa: E731
+    else:
+        rows = data.train_rows(rt)
+        score = lambda m: metric(*data.predict(m))  # noqa: E731
+    if (len(rows[0]) if data is None else rows.rows) == 0:
         raise ValueError(f"{snapshot.path}: empty train split in fct_ctr_samples; {family} needs train rows")
-    valid = snapshot.ctr("valid", max_history=max_history)
-    ev = valid if _has_both_classes(labels(valid)) else train
-    ev_x, ev_y = features(ev), labels(ev)
     id_columns = [c for c, f in enumerate(meta["sparse_fields"]) if f in ID_FIELDS]
     with deterministic(config.seed):
         module = build()
         history = train_torch(
             module,
             lambda m, b: loss_fn(m, b, config, id_columns),
-            (*features(train), labels(train)),
-            lambda m: metric(predict_logits(m, *ev_x), ev_y),
+            rows,
+            score,
             family=family,
             metric_name=metric_name,
             higher_is_better=True,
@@ -159,8 +177,36 @@ def train_ctr(
             patience=config.patience,
             seed=config.seed,
             log=log,
+            max_minutes=config.max_minutes,
         )
     return module, history
+
+
+class CtrData:
+    """fct_ctr_samples streamed for ``train_ctr``: the train rows shuffled (``ParquetRows``) and
+    the early-stopping rows (valid, or train when valid lacks a class) scored in file order, so
+    only the logits and labels of the early-stopping split are ever held whole."""
+
+    def __init__(self, snapshot: Snapshot, max_history: int, features, labels, seed: int):
+        self.snapshot, self.max_history, self.seed = snapshot, max_history, seed
+        self.convert = lambda c: (*features(c), labels(c))
+        ys = [b[0] for b in self._stream("valid", lambda c: (labels(c),)).ordered(1 << 16)]
+        self.ev_split = "valid" if ys and _has_both_classes(np.concatenate(ys)) else "train"
+
+    def _stream(self, split: str, convert, **kwargs):
+        return self.snapshot.ctr_stream(split, self.max_history, convert, seed=self.seed, **kwargs)
+
+    def train_rows(self, rt):
+        return self._stream("train", self.convert, buffer_rows=rt.buffer_rows, rank=rt.rank,
+                            world_size=rt.world_size)  # fmt: skip
+
+    def predict(self, module: nn.Module, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of the early-stopping split, ``predict_logits``'s batches."""
+        logits, ys = [], []
+        for *x, y in self._stream(self.ev_split, self.convert).ordered(batch):
+            logits.append(predict_logits(module, *x, batch=batch))
+            ys.append(y)
+        return np.concatenate(logits), np.concatenate(ys)
 
 
 def fit_ctr(snapshot: Snapshot, config: CtrConfig, model_cls: type[CtrModel], log: Log = print) -> CtrModel:
@@ -184,7 +230,8 @@ def mask_ids(sparse: torch.Tensor, columns: list[int], rate: float) -> torch.Ten
         return sparse
     sparse = sparse.clone()
     cols = sparse[:, columns]
-    sparse[:, columns] = torch.where(torch.rand(cols.shape) < rate, torch.zeros_like(cols), cols)
+    drop = torch.rand(cols.shape, device=cols.device) < rate
+    sparse[:, columns] = torch.where(drop, torch.zeros_like(cols), cols)
     return sparse
 
 
@@ -201,7 +248,9 @@ def loss_fn(module: nn.Module, batch, config, id_columns: tuple[int, ...] | list
         loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
     else:
         per_task = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0)
-        loss = (per_task * torch.tensor(config.task_weights, dtype=per_task.dtype)).sum()
+        loss = (
+            per_task * torch.tensor(config.task_weights, dtype=per_task.dtype, device=per_task.device)
+        ).sum()
     if config.embedding_reg > 0:
         loss = loss + config.embedding_reg * module.embedding(sparse).pow(2).sum(dim=(1, 2)).mean()
     return loss
@@ -209,11 +258,13 @@ def loss_fn(module: nn.Module, batch, config, id_columns: tuple[int, ...] | list
 
 @torch.no_grad()
 def predict_logits(module: nn.Module, *arrays: np.ndarray, batch: int = 8192) -> np.ndarray:
-    """Eval-mode logits for row-aligned input arrays, in batches."""
+    """Eval-mode logits for row-aligned input arrays, in batches, on the module's device."""
     module.eval()
+    device = module_device(module)
     n = len(arrays[0])
     out = [
-        module(*(torch.from_numpy(a[lo : lo + batch]) for a in arrays)).numpy() for lo in range(0, n, batch)
+        module(*(torch.from_numpy(a[lo : lo + batch]).to(device) for a in arrays)).float().cpu().numpy()
+        for lo in range(0, n, batch)
     ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 

@@ -13,8 +13,11 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+
+from models.stream import ParquetRows
 
 SPLITS = ("train", "valid", "test")
 
@@ -101,28 +104,29 @@ class Snapshot:
     def ctr(self, split: str, max_history: int | None = None) -> CtrArrays:
         t = self.table("fct_ctr_samples")
         mask = np.asarray(t.column("split").to_numpy(zero_copy_only=False) == split)
-        idx = np.flatnonzero(mask)
-        sparse = np.stack(
-            [t.column(f).to_numpy()[idx].astype(np.int64) for f in self.meta["sparse_fields"]], axis=1
-        )
-        dense = np.stack(
-            [t.column(f).to_numpy()[idx].astype(np.float32) for f in self.meta["dense_fields"]], axis=1
-        )
-        length = max_history or int(self.meta.get("max_history_len", 0)) or 1
-        history = np.zeros((len(idx), length), dtype=np.int64)
-        lists = t.column("history_item_idx").take(idx).to_pylist()
-        for row, items in enumerate(lists):
-            if items:
-                items = items[-length:]  # most recent `length`, still oldest first
-                history[row, : len(items)] = items
-        return CtrArrays(
-            sparse=sparse,
-            dense=dense,
-            label_like=t.column("label_like").to_numpy()[idx].astype(np.float32),
-            label_love=t.column("label_love").to_numpy()[idx].astype(np.float32),
-            history=history,
-            history_len=np.minimum(t.column("history_len").to_numpy()[idx].astype(np.int64), length),
-            user_idx=sparse[:, 0].copy(),
+        return ctr_arrays(t.filter(mask), self.meta, max_history)
+
+    def ctr_columns(self, max_history: int | None = None) -> list[str]:
+        """The fct_ctr_samples columns ``ctr_arrays`` reads; the histories only when
+        ``max_history`` > 1 (the plain CTR families train with ``max_history=1`` and ignore them)."""
+        labels = ["label_like", "label_love"]
+        history = ["history_item_idx", "history_len"] if (max_history or 2) > 1 else []
+        return [*self.meta["sparse_fields"], *self.meta["dense_fields"], *labels, *history]
+
+    def stream(self, name: str, split: str, columns, convert, **kwargs) -> ParquetRows:
+        """The rows of ``split`` in ``<name>.parquet``, read in row-group batches
+        (``models.stream.ParquetRows``; ``kwargs``: seed, buffer_rows, rank, world_size)."""
+        return ParquetRows(self.path / f"{name}.parquet", split, columns, convert, **kwargs)
+
+    def ctr_stream(self, split: str, max_history: int | None, convert, **kwargs) -> ParquetRows:
+        """``stream`` of fct_ctr_samples, each row group as ``convert(CtrArrays)``."""
+        columns = self.ctr_columns(max_history)
+        return self.stream(
+            "fct_ctr_samples",
+            split,
+            columns,
+            lambda t: convert(ctr_arrays(t, self.meta, max_history)),
+            **kwargs,
         )
 
     def train_matrix(self, values: str = "rating") -> sp.csr_matrix:
@@ -137,3 +141,46 @@ class Snapshot:
         """Train interaction count per item index (index 0 = 0)."""
         r = self.ratings("train")
         return np.bincount(r.item_idx, minlength=self.n_items).astype(np.float32)
+
+
+def pad_history(lists, length: int) -> np.ndarray:
+    """``[N, length]`` int64 of a list column: each row's last ``length`` items (the most recent,
+    still oldest first), right-padded with 0; null or empty lists give a zero row."""
+    arr = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    n = len(arr)
+    out = np.zeros((n, length), dtype=np.int64)
+    if n == 0:
+        return out
+    offsets = np.asarray(arr.offsets, dtype=np.int64)  # absolute positions in arr.values
+    sizes = np.diff(offsets)
+    if arr.null_count:
+        sizes = np.where(np.asarray(arr.is_null()), 0, sizes)
+    keep = np.minimum(sizes, length)
+    rows = np.repeat(np.arange(n), keep)
+    slot = np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep)
+    source = np.repeat(offsets[1:] - keep, keep) + slot
+    out[rows, slot] = np.asarray(arr.values)[source]
+    return out
+
+
+def ctr_arrays(t: pa.Table, meta: dict, max_history: int | None = None) -> CtrArrays:
+    """``CtrArrays`` of fct_ctr_samples rows (a whole split or one row group's rows of it).
+    Without the history columns (``Snapshot.ctr_columns(1)``) the histories are all padding."""
+    n = t.num_rows
+    sparse = np.stack([t.column(f).to_numpy().astype(np.int64) for f in meta["sparse_fields"]], axis=1)
+    dense = np.stack([t.column(f).to_numpy().astype(np.float32) for f in meta["dense_fields"]], axis=1)
+    length = max_history or int(meta.get("max_history_len", 0)) or 1
+    if "history_item_idx" in t.column_names:
+        history = pad_history(t.column("history_item_idx"), length)
+        history_len = np.minimum(t.column("history_len").to_numpy().astype(np.int64), length)
+    else:
+        history, history_len = np.zeros((n, length), np.int64), np.zeros(n, np.int64)
+    return CtrArrays(
+        sparse=sparse,
+        dense=dense,
+        label_like=t.column("label_like").to_numpy().astype(np.float32),
+        label_love=t.column("label_love").to_numpy().astype(np.float32),
+        history=history,
+        history_len=history_len,
+        user_idx=sparse[:, 0].copy(),
+    )

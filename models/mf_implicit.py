@@ -39,7 +39,6 @@ train popularity scores ``count_j / max count`` (in [0, 1]).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +52,9 @@ from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import UserTopKScorer
+from models.runtime import Budget, Stepper, current_runtime, record_loop, state_copy, to_device
 from models.topk import TopKTraining, popularity
-from models.train import deterministic, format_row, history_row, make_optimizer
+from models.train import deterministic, format_row, history_row, loop_report, make_optimizer
 from models.wals import confidence_weights
 
 UNOBSERVED = ("sampled", "gramian")
@@ -266,10 +266,13 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     train_seen = cells.observed
 
     history: list[dict] = []
+    rt = current_runtime()
+    device = rt.torch_device
     with deterministic(config.seed):
-        module = MFImplicitScorer(n_users, n_items, config.dim, config.init_std)
+        module = MFImplicitScorer(n_users, n_items, config.dim, config.init_std).to(device)
         opt = make_optimizer(module.parameters(), "adam", config.lr)
-        best, best_state, bad = None, copy.deepcopy(module.state_dict()), 0
+        stepper, budget = Stepper(opt, rt), Budget(config.max_minutes, rt.clock)
+        best, best_state, bad, stopped = None, state_copy(module), 0, "epochs"
         setup = time.perf_counter() - start
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -277,51 +280,64 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
             order = rng.permutation(len(cells))
             # resampled every epoch, for all cells at once (one vectorised call)
             negatives, _ = sample_unobserved(cells.observed, cells.user[order], config.n_negatives, rng)
-            total = 0.0
+            total, seen, cut = torch.zeros((), dtype=torch.float64, device=device), 0, False
             for lo in range(0, len(cells), config.batch_size):
                 idx = order[lo : lo + config.batch_size]
-                loss = MFImplicit.loss(
-                    module, cells.batch(idx, negatives[lo : lo + config.batch_size]), config
-                )
+                batch = to_device(cells.batch(idx, negatives[lo : lo + config.batch_size]), device)
+                with stepper.autocast():
+                    loss = MFImplicit.loss(module, batch, config)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"mf_implicit: loss became {loss.item()} in epoch {epoch}; lower lr ({config.lr})"
                     )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                stepper.step(loss)
                 with torch.no_grad():  # keep the padding rows at 0 (Adam's momentum would move them)
                     module.user_factors[0].zero_()
                     module.item_factors[0].zero_()
-                total += loss.item() * len(idx)
+                total += loss.detach().double() * len(idx)
+                seen += len(idx)
+                if budget.expired():  # as models.train.train_torch: validate once at least
+                    cut = True
+                    break
+            if cut and history:
+                log(f"[mf_implicit] time budget of {config.max_minutes} min ran out in epoch {epoch}")
+                stopped = "budget"
+                break
             module.eval()
             if len(eval_users):
                 with torch.no_grad():
-                    scores = (module.user_factors[eval_users] @ module.item_factors.T).numpy()
+                    scores = (module.user_factors[eval_users] @ module.item_factors.T).float().cpu().numpy()
                 m = ranking_metrics(scores, train_seen, eval_users, relevant)
                 metric = m["ndcg@10"]
             else:
                 m, metric = {}, None
             row = history_row(
                 epoch,
-                total / len(cells),
+                total.item() / seen,
                 metric,
                 "ndcg@10",
-                len(cells),
+                seen,
                 time.perf_counter() - t0 + (setup if epoch == 1 else 0),
             )
             history.append(row)
             log(format_row("mf_implicit", row) + (f"  valid_recall@20 {m['recall@20']:.4f}" if m else ""))
             if metric is None or best is None or metric > best:
-                best, best_state, bad = metric, copy.deepcopy(module.state_dict()), 0
+                best, best_state, bad = metric, state_copy(module), 0
             else:
                 bad += 1
                 if bad >= config.patience:
                     log(f"[mf_implicit] early stop: no better valid_ndcg@10 for {config.patience} epochs")
+                    stopped = "early_stop"
                     break
+            if budget.expired():
+                log(f"[mf_implicit] time budget of {config.max_minutes} min ran out after epoch {epoch}")
+                stopped = "budget"
+                break
+    module.to("cpu")
     module.load_state_dict(best_state)
     module.eval()
     with torch.no_grad():
         module.popularity.copy_(popularity(snapshot))
+    record_loop(loop_report("mf_implicit", history, True, stopped, budget, rt))
     meta = {"n_users": n_users, "n_items": n_items}
     return MFImplicit(config, module, meta, history)

@@ -19,6 +19,7 @@ from torch import nn
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.runtime import current_runtime, module_device
 from models.train import deterministic, train_torch
 
 
@@ -43,10 +44,15 @@ class Config:
     # that mu + biases dominate the first epochs.
     init_std: float = 0.1
     seed: int = 0
+    # Time budget of training in minutes (None = off); when it runs out the best validated epoch
+    # so far is kept and the model's metadata says budget_hit (models.train.train_torch).
+    max_minutes: float | None = None
 
     def __post_init__(self):
         if self.dim < 1 or self.batch_size < 1 or self.epochs < 1:
             raise ValueError("dim, batch_size and epochs must be >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or unset for no budget), got {self.max_minutes}")
 
 
 class MatrixFactorization(nn.Module):
@@ -136,27 +142,58 @@ class MFSGD(TrainedModel):
         )
 
 
+RATING_COLUMNS = ("user_idx", "item_idx", "rating")
+
+
+def _rating_arrays(t) -> tuple[np.ndarray, ...]:
+    return tuple(
+        t.column(c).to_numpy().astype(d) for c, d in zip(RATING_COLUMNS, (np.int64, np.int64, np.float32))
+    )
+
+
+def _train_rows(snapshot: Snapshot, config: Config):
+    """The train ratings as ``(user, item, rating)`` rows, streamed from fct_ratings (or in memory,
+    as the runtime says), with their mean, min and max. The mean is ``float32(float32(sum) / n)``
+    with the sum in float64: numpy's float32 mean of the in-memory column exactly where the sum
+    is exact in float32 (integer or half-star ratings, sum < 2^24), closer to the true mean beyond."""
+    rt = current_runtime()
+    if not rt.stream:
+        r = snapshot.ratings("train")
+        rows = (r.user_idx, r.item_idx, r.rating.astype(np.float32))
+        return rows, len(r), (r.rating.mean(), r.rating.min(), r.rating.max()) if len(r) else None
+    kw = dict(buffer_rows=rt.buffer_rows, rank=rt.rank, world_size=rt.world_size)
+    rows = snapshot.stream("fct_ratings", "train", RATING_COLUMNS, _rating_arrays, seed=config.seed, **kw)
+    total, n, lo, hi = 0.0, 0, np.inf, -np.inf
+    for *_, rating in rows.ordered(1 << 16):
+        total, n = total + float(rating.astype(np.float64).sum()), n + len(rating)
+        lo, hi = min(lo, float(rating.min())), max(hi, float(rating.max()))
+    return rows, n, (np.float32(float(np.float32(total)) / max(n, 1)), lo, hi) if n else None
+
+
 def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> MFSGD:
-    train, valid = snapshot.ratings("train"), snapshot.ratings("valid")
-    if len(train) == 0:
+    rows, n_train, stats = _train_rows(snapshot, config)
+    if n_train == 0:
         raise ValueError(f"{snapshot.path}: empty train split; mf_sgd needs train ratings")
-    lo, hi = (float(x) for x in snapshot.meta.get("rating_range", (train.rating.min(), train.rating.max())))
+    valid = snapshot.ratings("valid")
+    mean, r_min, r_max = stats
+    lo, hi = (float(x) for x in snapshot.meta.get("rating_range", (r_min, r_max)))
     meta = {"n_users": snapshot.n_users, "n_items": snapshot.n_items, "rating_range": [lo, hi]}
     with deterministic(config.seed):
         module = MatrixFactorization(snapshot.n_users, snapshot.n_items, config.dim, lo, hi, config.init_std)
-        module.global_mean.fill_(float(train.rating.mean()))
-        vu, vi = torch.from_numpy(valid.user_idx), torch.from_numpy(valid.item_idx)
+        module.global_mean.fill_(float(mean))
         # Without a valid split the train RMSE picks the epoch (then only the cap stops it).
-        ev_u, ev_i, ev_r = (
-            (vu, vi, valid.rating)
-            if len(valid)
-            else (torch.from_numpy(train.user_idx), torch.from_numpy(train.item_idx), train.rating)
-        )
+        ev = valid if len(valid) else snapshot.ratings("train")
+        ev_u, ev_i = torch.from_numpy(ev.user_idx), torch.from_numpy(ev.item_idx)
+
+        def valid_rmse(m: nn.Module) -> float:
+            device = module_device(m)
+            return rmse(ev.rating, m(ev_u.to(device), ev_i.to(device)).cpu().numpy())
+
         history = train_torch(
             module,
             lambda m, b: MFSGD.loss(m, b, config),
-            (train.user_idx, train.item_idx, train.rating.astype(np.float32)),
-            lambda m: rmse(ev_r, m(ev_u, ev_i).numpy()),
+            rows,
+            valid_rmse,
             family="mf_sgd",
             metric_name="rmse",
             higher_is_better=False,
@@ -168,5 +205,6 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
             patience=config.patience,
             seed=config.seed,
             log=log,
+            max_minutes=config.max_minutes,
         )
     return MFSGD(config, module, meta, history)

@@ -28,6 +28,7 @@ B = 256, 1.7k items, width 64); plan batches with that in mind for large catalog
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import MISSING
 
 import numpy as np
 import torch
@@ -145,6 +146,7 @@ def train_ncf(
     momentum: float = 0.0,
     epochs: int | None = None,
     validation: ValidNDCG | None = None,
+    max_minutes: float | None | object = MISSING,
 ) -> list[dict]:
     """Train ``module`` in place with ``pointwise_loss`` on fresh negatives every step, early
     stopping on ``validation`` (valid NDCG@10); returns the history rows.
@@ -157,6 +159,7 @@ def train_ncf(
         optimizer, lr, momentum, epochs: override the config's Adam / ``lr`` / ``epochs``
             (neumf's fine-tuning).
         validation: a shared ``ValidNDCG`` (neumf scores its pretrained init with it).
+        max_minutes: the time budget, if not the config's (neumf: what pretraining left).
     """
     users, items = train_pairs(snapshot)
     if len(users) == 0:
@@ -166,14 +169,13 @@ def train_ncf(
     validation = validation or ValidNDCG(snapshot, config.eval_users, config.seed)
     module.popularity.copy_(popularity(snapshot))
 
-    def step_loss(m, batch):
+    def expand(batch):  # on the CPU, before the batch moves to the training device
         u, i = (t.numpy() for t in batch)
-        expanded = tuple(torch.from_numpy(a) for a in sampler.expand(u, i, config.negatives))
-        return pointwise_loss(m, expanded, config)
+        return tuple(torch.from_numpy(a) for a in sampler.expand(u, i, config.negatives))
 
     return train_torch(
         module,
-        step_loss,
+        lambda m, b: pointwise_loss(m, b, config),
         (users, items),
         validation,
         family=family,
@@ -187,6 +189,8 @@ def train_ncf(
         patience=config.patience,
         seed=config.seed,
         log=log,
+        prepare=expand,
+        max_minutes=config.max_minutes if max_minutes is MISSING else max_minutes,
     )
 
 

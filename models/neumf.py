@@ -20,6 +20,7 @@ from torch import nn
 from models import gmf, ncf_mlp
 from models.data import Snapshot
 from models.ncf import Log, MLPTower, NCFModel, NCFScorer, check_dropout, embedding, ncf_meta, train_ncf
+from models.runtime import Budget
 from models.topk import SampledTraining, ValidNDCG
 from models.train import deterministic, history_row
 
@@ -140,6 +141,10 @@ class NeuMF(NCFModel):
 
 def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
     meta = ncf_meta(snapshot)
+    # One budget for the whole fit: each pretraining fit and the fine-tuning get what is left
+    # (at least a moment, so each still validates once).
+    budget = Budget(config.max_minutes)
+    left = lambda: None if config.max_minutes is None else max(budget.remaining_minutes(), 1e-6)  # noqa: E731
     validation = ValidNDCG(snapshot, config.eval_users, config.seed)
     common = dict(
         negatives=config.negatives,
@@ -166,7 +171,11 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
             history = train_ncf(module, snapshot, config, "neumf", log, validation=validation)
             return NeuMF(config, module, meta, history)
     t0 = time.perf_counter()
-    gmf_half = gmf.fit(snapshot, gmf.Config(dim=config.gmf_dim, init_std=config.gmf_init_std, **common), log)
+    gmf_half = gmf.fit(
+        snapshot,
+        gmf.Config(dim=config.gmf_dim, init_std=config.gmf_init_std, max_minutes=left(), **common),
+        log,
+    )
     mlp_half = ncf_mlp.fit(
         snapshot,
         ncf_mlp.Config(
@@ -174,6 +183,7 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
             hidden=config.mlp_hidden,
             dropout=config.dropout,
             init_std=config.mlp_init_std,
+            max_minutes=left(),
             **common,
         ),
         log,
@@ -194,6 +204,7 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
             lr=config.finetune_lr,
             momentum=config.finetune_momentum if config.finetune_optimizer == "sgd" else 0.0,
             validation=validation,
+            max_minutes=left(),
         )
         best = max(r["valid_metric"] for r in history)
         # Epoch 0 = the pretrained blend, so the history shows what fine-tuning started from.

@@ -15,6 +15,7 @@ from torch import nn
 
 from common.metrics import ranking_metrics
 from models.data import Snapshot
+from models.runtime import module_device
 
 
 # --- configs ------------------------------------------------------------------------------
@@ -37,10 +38,15 @@ class TopKTraining:
     # Valid users sampled for model selection: full ranking costs n_items scores per user.
     eval_users: int = 1000
     seed: int = 0
+    # Time budget of training in minutes (None = off); when it runs out the best validated epoch
+    # so far is kept and the model's metadata says budget_hit (models.train.train_torch).
+    max_minutes: float | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or unset for no budget), got {self.max_minutes}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,11 @@ class NegativeSampler:
 def score_users(module: nn.Module, users: np.ndarray, batch: int = 256) -> np.ndarray:
     """Full-catalogue scores ``[len(users), n_items]`` of a ``user_idx -> scores`` module."""
     module.eval()
-    out = [module(torch.from_numpy(users[lo : lo + batch])).numpy() for lo in range(0, len(users), batch)]
+    device = module_device(module)
+    out = [
+        module(torch.from_numpy(users[lo : lo + batch]).to(device)).float().cpu().numpy()
+        for lo in range(0, len(users), batch)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -1,42 +1,68 @@
-"""One plain training loop for torch families.
+"""One plain training loop for torch families, and where it runs.
 
-No Trainer hierarchy: a family passes its module, a loss closure, numpy arrays and a
+No Trainer hierarchy: a family passes its module, a loss closure, its training rows (numpy
+arrays, or a ``models.stream.ParquetRows`` that reads the snapshot in row-group batches) and a
 validation closure. The metrics that pick the best epoch live with every other metric in
 ``common/metrics.py``.
+
+Where it runs is the ``models.runtime.Runtime`` the caller set: the loop moves the module and
+every batch to its device, uses autocast (bf16; fp16 with a GradScaler where bf16 is missing)
+only on CUDA, and hands the module back on the CPU, so saving, export and the parity gate never
+depend on where training ran. A family's ``max_minutes`` bounds the loop (``train_torch``).
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
+from models.runtime import Budget, Runtime, Stepper, current_runtime, record_loop, state_copy, to_device
+
 Log = Callable[[str], None]
 
 
 @contextmanager
-def deterministic(seed: int, threads: int | None = 1):
+def deterministic(seed: int, threads: int | None = None):
     """Seed torch's global RNG and pin intra-op threads (restored on exit).
 
-    One thread by default: these embedding models gain nothing from intra-op parallelism at
-    batch ~1k, and on a small shared machine torch's spinning OpenMP threads made DeepFM
-    training ~25x slower when another process was busy (measured in the pipeline benchmark).
-    Families train in parallel as separate Dagster steps instead. A fixed thread count also
-    makes results independent of the machine's core count. ``threads=None`` leaves torch's.
+    ``threads=None`` takes the runtime's (``RECSYS_TORCH_THREADS``, default 1). One thread by
+    default: these embedding models gain nothing from intra-op parallelism at batch ~1k, and on
+    a small shared machine torch's spinning OpenMP threads made DeepFM training ~25x slower when
+    another process was busy (measured in the pipeline benchmark; BENCHMARKS.md, "Training
+    threads", measures 1 vs 2). Families train in parallel as separate Dagster steps instead. A
+    fixed thread count also makes results independent of the machine's core count.
     """
     torch.manual_seed(seed)
     old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or current_runtime().threads)
     try:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class ArrayRows:
+    """Training rows held in memory: row-aligned numpy arrays, one permutation per epoch from a
+    numpy RNG seeded once (the loop's original order; ``ParquetRows`` reproduces it)."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], seed: int, family: str = ""):
+        n = len(arrays[0])
+        if any(len(a) != n for a in arrays):
+            raise ValueError(f"{family}: training arrays have different lengths {[len(a) for a in arrays]}")
+        self.tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        self.rows = n
+        self.rng = np.random.default_rng(seed)
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[list[torch.Tensor]]:
+        order = torch.from_numpy(self.rng.permutation(self.rows))
+        for lo in range(0, self.rows, batch_size):
+            idx = order[lo : lo + batch_size]
+            yield [t[idx] for t in self.tensors]
 
 
 def history_row(
@@ -74,10 +100,21 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_d
     raise ValueError(f"optimizer {name!r} is not one of 'adam', 'sgd'")
 
 
+# On CUDA a finiteness check syncs the device; check every this many batches (and at epoch end).
+CHECK_EVERY = 64
+
+
+def _check_finite(loss: torch.Tensor, family: str, epoch: int, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{family}: loss became {loss.item()} in epoch {epoch}; lower the learning rate ({lr})"
+        )
+
+
 def train_torch(
     module: nn.Module,
     loss_fn: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor],
-    arrays: Sequence[np.ndarray],
+    arrays,
     evaluate: Callable[[nn.Module], float],
     *,
     family: str,
@@ -92,58 +129,104 @@ def train_torch(
     patience: int = 3,
     seed: int = 0,
     log: Log = print,
+    prepare: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]] | None = None,
+    max_minutes: float | None = None,
 ) -> list[dict]:
-    """Mini-batch training with early stopping; restores the best epoch's weights.
+    """Mini-batch training with early stopping and an optional time budget; restores the best
+    epoch's weights and returns the module on the CPU, in eval mode.
 
-    ``arrays`` are row-aligned numpy arrays (features..., target); each step hands
-    ``loss_fn(module, batch_tensors)`` one shuffled mini-batch of them. ``evaluate(module)``
-    is called in eval mode after every epoch. Returns one history row per epoch.
+    ``arrays`` are row-aligned numpy arrays (features..., target), or rows with an
+    ``epoch(epoch, batch_size)`` batch iterator and a ``rows`` count (``models.stream.ParquetRows``).
+    Each step hands ``loss_fn(module, batch)`` one shuffled mini-batch, after ``prepare(batch)``
+    (CPU-side work such as negative sampling) and the move to the runtime's device.
+    ``evaluate(module)`` runs in eval mode after every epoch, with the module on that device.
+
+    Budget (``max_minutes``, checked after every batch): when it runs out mid-epoch and an epoch
+    was already validated, the partial epoch is dropped and training stops; when it runs out
+    before the first validation, the current weights are validated as epoch 1 (so there is
+    always a best checkpoint). After a validated epoch an exhausted budget stops training too.
+    Either way the best validated weights are kept and the loop's report (``record_loop``) says
+    ``budget_hit: true``. Returns one history row per validated epoch.
     """
-    n = len(arrays[0])
-    if any(len(a) != n for a in arrays):
-        raise ValueError(f"{family}: training arrays have different lengths {[len(a) for a in arrays]}")
-    if n == 0:
+    rt = current_runtime()
+    rows = arrays if hasattr(arrays, "epoch") else ArrayRows(arrays, seed, family)
+    if rows.rows == 0:
         raise ValueError(f"{family}: no training rows; is the snapshot's train split empty?")
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-    rng = np.random.default_rng(seed)
+    device = rt.torch_device
     torch.manual_seed(seed)
+    module.to(device)
     opt = make_optimizer(module.parameters(), optimizer, lr, momentum, weight_decay)
+    stepper = Stepper(opt, rt)
+    budget = Budget(max_minutes, rt.clock)
     history: list[dict] = []
-    best, best_state, bad = None, copy.deepcopy(module.state_dict()), 0
+    best, best_state, bad, stopped = None, state_copy(module), 0, "epochs"
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         module.train()
-        order = torch.from_numpy(rng.permutation(n))
-        total, seen = 0.0, 0
-        for lo in range(0, n, batch_size):
-            idx = order[lo : lo + batch_size]
-            batch = [t[idx] for t in tensors]
-            loss = loss_fn(module, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{family}: loss became {loss.item()} in epoch {epoch}; lower the learning rate ({lr})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        seen, cut = 0, False
+        for k, batch in enumerate(rows.epoch(epoch, batch_size)):
+            n = len(batch[0])
+            batch = to_device(prepare(batch) if prepare else batch, device)
+            with stepper.autocast():
+                loss = loss_fn(module, batch)
+            if device.type == "cpu" or k % CHECK_EVERY == 0:
+                _check_finite(loss, family, epoch, lr)
+            stepper.step(loss)
+            total += loss.detach().double() * n
+            seen += n
+            if budget.expired():
+                cut = True
+                break
+        _check_finite(total, family, epoch, lr)
+        if cut and best is not None:
+            kept = history[_best_index(history, higher_is_better)]["epoch"]
+            log(f"[{family}] time budget of {max_minutes} min ran out in epoch {epoch}; keeping epoch {kept}")
+            stopped = "budget"
+            break
         module.eval()
         with torch.no_grad():
             metric = float(evaluate(module))
         seconds = time.perf_counter() - start
-        row = history_row(epoch, total / seen, metric, metric_name, seen, seconds)
+        row = history_row(epoch, total.item() / seen, metric, metric_name, seen, seconds)
         history.append(row)
         log(format_row(family, row))
         improved = best is None or (metric > best if higher_is_better else metric < best)
         if improved:
-            best, best_state, bad = metric, copy.deepcopy(module.state_dict()), 0
+            best, best_state, bad = metric, state_copy(module), 0
         else:
             bad += 1
             if bad >= patience:
                 log(f"[{family}] early stop: no better valid_{metric_name} for {patience} epochs")
+                stopped = "early_stop"
                 break
+        if budget.expired():
+            note = " (cut short: its weights so far were validated)" if cut else ""
+            log(f"[{family}] time budget of {max_minutes} min ran out after epoch {epoch}{note}")
+            stopped = "budget"
+            break
+    module.to("cpu")
     module.load_state_dict(best_state)
     module.eval()
     log(f"[{family}] best valid_{metric_name} {best:.4f}")
+    record_loop(loop_report(family, history, higher_is_better, stopped, budget, rt))
     return history
+
+
+def _best_index(history: list[dict], higher_is_better: bool) -> int:
+    metrics = [r["valid_metric"] for r in history]
+    pick = max if higher_is_better else min
+    return (
+        metrics.index(pick(m for m in metrics if m is not None))
+        if any(m is not None for m in metrics)
+        else len(history) - 1
+    )
+
+
+def loop_report(
+    family: str, history: list[dict], higher_is_better: bool, stopped: str, budget: Budget, rt: Runtime
+) -> dict:
+    """One training loop's summary for the model's metadata (``pipeline.steps.train``)."""
+    best = history[_best_index(history, higher_is_better)]["epoch"] if history else None
+    return {"family": family, "epochs": len(history), "best_epoch": best, "stopped": stopped,
+            "budget_hit": budget.hit, "max_minutes": budget.max_minutes, "device": rt.device}  # fmt: skip
