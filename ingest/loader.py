@@ -4,8 +4,10 @@ Rules, applied in this order (the first that fails is the row's ``reason``):
 
 * interactions: the line parses into the expected fields; ``user_id``/``item_id`` are
   non-negative integers; ``rating`` is a finite number in 0.5..5; ``timestamp`` is unix
-  seconds (or ISO-8601) between 1970 and 2100; the user/item exists when the layout has a
-  users/items table; no earlier row has the same (user_id, item_id, timestamp).
+  seconds (digits) or strict ISO-8601 (a date, or a date and time with an optional fraction
+  and Z/offset; none means UTC), or a parquet TIMESTAMP/DATE, between 1970 and 2100; the
+  user/item exists when the layout has a users/items table; no earlier row has the same
+  (user_id, item_id, timestamp).
 * users/items: the id is a non-negative integer that no earlier row used. Unusable
   optional features (an age that is not a number, a gender other than M/F) become NULL.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.io import StorageError, wrapped_storage_error
@@ -83,19 +84,78 @@ def _free_name(base: str, taken: set[str]) -> str:
     return base
 
 
-def _row_numbers(files: tuple[Path, ...]) -> pa.RecordBatchReader:
-    """``_recsys_k`` (the file's index in ``files``) and ``_recsys_row`` (1-based row in that
-    file) for every row of ``files`` in order, from the footers: the numbers DuckDB's
-    ``file_row_number`` would give, without a column name a file may also use."""
-    schema = pa.schema([("_recsys_k", pa.int32()), ("_recsys_row", pa.int64())])
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _bare_column(expr: str) -> str | None:
+    """The column name when the field expression ``expr`` is one quoted column, else None."""
+    inner = expr[1:-1]
+    if len(expr) > 1 and expr[0] == expr[-1] == '"' and '"' not in inner.replace('""', ""):
+        return inner.replace('""', '"')
+    return None
+
+
+def _arrow_field(schema: pa.Schema, column: str) -> pa.Field | None:
+    """The field DuckDB reads as ``column`` (its names ignore case)."""
+    return next((f for f in schema if f.name.lower() == column.lower()), None)
+
+
+def _unix_seconds(values: pa.Array) -> pa.Array:
+    """Parquet timestamps or dates as whole unix seconds (floored), computed from the stored
+    integers: no unit conversion, so a value DuckDB cannot hold is still a number."""
+    if pa.types.is_date32(values.type):
+        return pc.multiply(values.cast(pa.int32()).cast(pa.int64()), 86_400)
+    per_second = 1_000 if pa.types.is_date64(values.type) else _PER_SECOND[values.type.unit]
+    raw = values.cast(pa.int64())
+    if per_second == 1:
+        return raw
+    whole = pc.divide(raw, per_second)  # rounds toward zero; floor below
+    return pc.subtract(whole, pc.cast(pc.greater(pc.multiply(whole, per_second), raw), pa.int64()))
+
+
+def _check_timestamp_types(src: TableSource, timestamps: dict[str, str]) -> None:
+    for path in src.files:
+        schema = pq.ParquetFile(path).schema_arrow
+        for column in timestamps.values():
+            f = _arrow_field(schema, column)
+            if f is not None and not (pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)):
+                raise SourceError(
+                    f"{path}: column {f.name!r} holds {f.type}, but timestamps in the other "
+                    f"{src.table} files; write it with the same type in every file."
+                )
+
+
+def _row_stream(files: tuple[Path, ...], timestamps: dict[str, str]) -> pa.RecordBatchReader:
+    """For every row of ``files`` in order: ``_recsys_k`` (the file's index), ``_recsys_row``
+    (1-based row in the file, from the footers: what DuckDB's ``file_row_number`` gives,
+    without a column name a file may also use) and ``_recsys_ts_<field>`` for each field of
+    ``timestamps`` (field -> parquet TIMESTAMP column) as unix seconds. DuckDB converts every
+    TIMESTAMP to microseconds and fails the whole read on one value past year 294246; read
+    here, that value is one row outside 1970..2100."""
+    schema = pa.schema(
+        [("_recsys_k", pa.int32()), ("_recsys_row", pa.int64())]
+        + [(f"_recsys_ts_{c}", pa.int64()) for c in timestamps]
+    )
 
     def batches():
         for k, path in enumerate(files):
-            n = pq.ParquetFile(path).metadata.num_rows
-            for start in range(0, n, 1 << 20):
-                rows = np.arange(start + 1, min(n, start + (1 << 20)) + 1, dtype=np.int64)
-                index = np.full(rows.size, k, np.int32)
-                yield pa.record_batch([pa.array(index), pa.array(rows)], schema=schema)
+            pf = pq.ParquetFile(path, coerce_int96_timestamp_unit="ms")
+            fields = {c: _arrow_field(pf.schema_arrow, col) for c, col in timestamps.items()}
+            present = {c: f.name for c, f in fields.items() if f is not None}
+            parts = pf.iter_batches(1 << 16, columns=sorted(set(present.values()))) if present else None
+            n, start = pf.metadata.num_rows, 0
+            while start < n:
+                part = next(parts, None) if parts else None
+                if parts and part is None:
+                    raise pa.ArrowInvalid(f"{path} holds fewer rows than its footer says")
+                size = part.num_rows if part else min(1 << 20, n - start)
+                rows = np.arange(start + 1, start + size + 1, dtype=np.int64)
+                arrays = [pa.array(np.full(size, k, np.int32)), pa.array(rows)] + [
+                    _unix_seconds(part.column(present[c])) if c in present else pa.nulls(size, pa.int64())
+                    for c in timestamps
+                ]
+                yield pa.record_batch(arrays, schema=schema)
+                start += size
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 
@@ -103,21 +163,31 @@ def _row_numbers(files: tuple[Path, ...]) -> pa.RecordBatchReader:
 def _stage_parquet(con, src: TableSource, name: str, files: str, max_unpack_bytes: int) -> None:
     """Table ``name`` from the parquet ``files`` (SQL list items): only the layout's fields
     are read, under their canonical names, so a file column called ``filename``, ``rowid``
-    or ``file_row_number`` is never confused with the ones DuckDB adds. Row numbers come
-    from :func:`_row_numbers`, joined by position (both read the files in order)."""
+    or ``file_row_number`` is never confused with the ones DuckDB adds. Row numbers, and the
+    fields that are TIMESTAMP columns, come from :func:`_row_stream`, joined by position
+    (both read the files in order)."""
     for path in src.files:
         check_parquet_file(path, max_unpack_bytes)
     scan = f"read_parquet([{files}], union_by_name = true"
     try:
-        columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan})").fetchall()}
-        fname = _free_name("_recsys_file", columns)  # DuckDB's name for each file, as it read it
-        fields = ", ".join(f'{src.fields[c]} AS "{c}"' for c in src.fields)
-        con.register("_recsys_rows", _row_numbers(src.files))
+        described = con.execute(f"DESCRIBE SELECT * FROM {scan})").fetchall()
+        types = {r[0].lower(): r[1].upper() for r in described}
+        fname = _free_name("_recsys_file", set(types))  # DuckDB's name for each file, as it read it
+        timestamps = {
+            c: col for c, expr in src.fields.items()
+            if (col := _bare_column(expr)) and types.get(col.lower(), "").startswith("TIMESTAMP")
+        }  # fmt: skip
+        _check_timestamp_types(src, timestamps)
+        read = "".join(f', {src.fields[c]} AS "{c}"' for c in src.fields if c not in timestamps)
+        columns = ", ".join(
+            f'r."_recsys_ts_{c}" AS "{c}"' if c in timestamps else f'p."{c}"' for c in src.fields
+        )
+        con.register("_recsys_rows", _row_stream(src.files, timestamps))
         try:
             con.execute(
                 f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT p.source_file, r._recsys_row AS "
-                f"source_row, NULL::VARCHAR AS problem, p.* EXCLUDE (source_file), r._recsys_k "
-                f'FROM (SELECT "{fname}" AS source_file, {fields} FROM {scan}, filename = \'{fname}\')) p '
+                f"source_row, NULL::VARCHAR AS problem, {columns}, r._recsys_k "
+                f'FROM (SELECT "{fname}" AS source_file{read} FROM {scan}, filename = \'{fname}\')) p '
                 "POSITIONAL JOIN _recsys_rows r"
             )
         finally:

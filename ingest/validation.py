@@ -62,17 +62,45 @@ def _as_float(col: str, typ: str) -> str:
     return f"TRY_CAST(trim({col}) AS DOUBLE)"
 
 
+# Strict ISO-8601: a date, or a date and a time (seconds and their fraction optional, 'T'
+# or a space between) with an optional Z or UTC offset; groups: date, time, zone.
+ISO_8601 = (
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})(?:[T ]([0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?)"
+    r"(Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)?"
+)
+# Text to unix seconds, row by row. DuckDB's own cast also takes 'epoch' (0), 'infinity',
+# 'now', zone names and offsets past 23:59, and reads a time without an offset in the session's
+# time zone; these macros take digits (unix seconds) and ISO_8601 only, a time without an
+# offset as UTC, and drop fractions of a second as unix time does. NULL when it does not parse.
+_TIMESTAMP_MACROS = (
+    "CREATE OR REPLACE TEMP MACRO _recsys_zone_hours(z) AS TRY_CAST(substr(z, 2, 2) AS INTEGER)",
+    "CREATE OR REPLACE TEMP MACRO _recsys_zone_minutes(z) AS "
+    "coalesce(TRY_CAST(nullif(substr(replace(z, ':', ''), 4, 2), '') AS INTEGER), 0)",
+    "CREATE OR REPLACE TEMP MACRO _recsys_offset_seconds(z) AS CASE WHEN z IN ('', 'Z') THEN 0 "
+    "WHEN _recsys_zone_hours(z) <= 23 AND _recsys_zone_minutes(z) <= 59 THEN "
+    "(CASE WHEN starts_with(z, '-') THEN -60 ELSE 60 END) "
+    "* (_recsys_zone_hours(z) * 60 + _recsys_zone_minutes(z)) END",
+    "CREATE OR REPLACE TEMP MACRO _recsys_iso_seconds(p) AS CAST(epoch(date_trunc('second', "
+    "TRY_CAST(p.d || ' ' || coalesce(nullif(p.t, ''), '00:00') AS TIMESTAMP))) AS BIGINT) "
+    "- _recsys_offset_seconds(p.z)",
+    "CREATE OR REPLACE TEMP MACRO _recsys_text_seconds(v) AS CASE "
+    "WHEN regexp_full_match(v, '[0-9]{1,18}') THEN TRY_CAST(v AS BIGINT) "
+    f"WHEN regexp_full_match(v, '{ISO_8601}') THEN "
+    f"_recsys_iso_seconds(regexp_extract(v, '{ISO_8601}', ['d', 't', 'z'])) END",
+)
+
+
 def _as_unix_seconds(col: str, typ: str) -> str:
+    """SQL: ``col`` as unix seconds, NULL when it is none. Parquet TIMESTAMP columns arrive
+    as BIGINT seconds already (:mod:`ingest.staging` reads them so an out-of-range value is
+    one row, not a file error)."""
     if typ in _INT_TYPES:
         return f"TRY_CAST({col} AS BIGINT)"
     if typ in _FLOAT_TYPES:
         return f"CASE WHEN {col} = trunc({col}) THEN TRY_CAST({col} AS BIGINT) END"
     if typ.startswith("TIMESTAMP") or typ == "DATE":
         return f"TRY_CAST(epoch({col}) AS BIGINT)"
-    return (
-        f"CASE WHEN regexp_full_match(trim({col}), '[0-9]{{1,18}}') THEN TRY_CAST(trim({col}) AS BIGINT) "
-        f"ELSE TRY_CAST(epoch(TRY_CAST(trim({col}) AS TIMESTAMPTZ)) AS BIGINT) END"
-    )
+    return f"_recsys_text_seconds(trim(CAST({col} AS VARCHAR)))"
 
 
 def _as_text(col: str, typ: str) -> str:
@@ -166,6 +194,8 @@ def _load_entities(con, src: TableSource | None, table: str, id_col: str, limits
 def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool, limits: Limits) -> None:
     _stage(con, src, "cand_interactions", limits.max_line_bytes, limits.max_unpack_bytes)
     t = _types(con, "cand_interactions")
+    for macro in _TIMESTAMP_MACROS:
+        con.execute(macro)
     unknown_user = (
         "WHEN user_id NOT IN (SELECT user_id FROM raw.users__new) THEN 'user_id not in the users table' "
         if has_users
@@ -199,6 +229,8 @@ def _load_interactions(con, src: TableSource, has_users: bool, has_items: bool, 
                 WHEN item_id IS NULL THEN 'item_id is missing or not a non-negative integer'
                 WHEN rating IS NULL OR NOT isfinite(rating) THEN 'rating is missing or not a number'
                 WHEN rating < 0.5 OR rating > 5 THEN 'rating outside 0.5..5'
+                WHEN ts IS NULL AND regexp_full_match(trim(raw_timestamp), '{ISO_8601}')
+                    THEN 'timestamp has the ISO-8601 form but is not a valid date or time'
                 WHEN ts IS NULL THEN 'timestamp is missing or not unix seconds / ISO-8601'
                 WHEN ts < 0 OR ts > {MAX_TS} THEN 'timestamp outside 1970..2100 (expected unix seconds)'
                 {unknown_user}{unknown_item}

@@ -285,3 +285,106 @@ def test_a_side_table_with_no_usable_row_reports_exact_counts_past_the_cap(tmp_p
     with pytest.raises(SourceError, match=r"No row of the users file .* passed validation \(25 rejected: "
                                           r"\{'user_id is missing or not a non-negative integer': 25\}\)"):
         _ingest(tmp_path, files_plan(folder), max_rejected_per_reason=3)
+
+
+# ------------------------------------------------------------------ timestamps
+
+NOT_A_TIME = "timestamp is missing or not unix seconds / ISO-8601"
+NOT_A_DATE = "timestamp has the ISO-8601 form but is not a valid date or time"
+OUT_OF_RANGE = "timestamp outside 1970..2100 (expected unix seconds)"
+
+TIMESTAMPS = [  # text as written -> unix seconds, or the reason it is rejected
+    ("1609495200", 1609495200),
+    ("2021-01-01", 1609459200),
+    ("2021-01-01T10:00:00Z", 1609495200),
+    ("2021-01-01 10:00:00", 1609495200),
+    ("2021-01-01T10:00", 1609495200),
+    ("2021-01-01T12:00:00.987654321+02:00", 1609495200),
+    ("2021-01-01T05:30:00-0430", 1609495200),
+    ("epoch", NOT_A_TIME),
+    ("infinity", NOT_A_TIME),
+    ("-infinity", NOT_A_TIME),
+    ("now", NOT_A_TIME),
+    ("today", NOT_A_TIME),
+    ("tomorrow", NOT_A_TIME),
+    ("allballs", NOT_A_TIME),
+    ("1609495200.5", NOT_A_TIME),
+    ("2021-01-01T10:00:00 Europe/Paris", NOT_A_TIME),
+    ("20210101", 20210101),  # digits are unix seconds: 1970-08-23, as the range allows
+    ("2021-02-30", NOT_A_DATE),
+    ("2021-13-01T00:00:00Z", NOT_A_DATE),
+    ("2021-01-01T10:61:00Z", NOT_A_DATE),
+    ("2021-01-01T10:00:00+25:00", NOT_A_DATE),
+    ("1969-12-31T23:59:59.5Z", OUT_OF_RANGE),
+]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_only_unix_seconds_and_strict_iso_8601_are_timestamps(tmp_path, fmt):
+    n = len(TIMESTAMPS)
+    df = pd.DataFrame({"user_id": range(1, n + 1), "item_id": 1, "rating": 4.0,
+                       "timestamp": [text for text, _ in TIMESTAMPS]})  # fmt: skip
+    path = _write(df, tmp_path / f"events.{fmt}")
+
+    report, con = _ingest(tmp_path, files_plan(path))
+
+    first = 2 if fmt == "csv" else 1
+    accepted = dict(con.execute("SELECT source_row, ts FROM raw.interactions").fetchall())
+    rejected = dict(con.execute("SELECT source_row, reason FROM raw.rejected_interactions").fetchall())
+    got = [(text, accepted.get(first + k, rejected.get(first + k))) for k, (text, _) in enumerate(TIMESTAMPS)]
+    assert got == TIMESTAMPS
+    assert report.interactions.rows + report.interactions.rejected == n
+    con.close()
+
+
+def test_iso_times_without_an_offset_are_utc_whatever_the_session_time_zone(tmp_path):
+    path = _write(pd.DataFrame({**EVENTS, "timestamp": ["2021-01-01 10:00:00"] * 3}), tmp_path / "e.csv")
+    con = connect(tmp_path / "warehouse.duckdb")
+    con.execute("SET TimeZone = 'America/New_York'")
+
+    ingest(con, files_plan(path))
+
+    assert con.execute("SELECT DISTINCT ts FROM raw.interactions").fetchall() == [(1609495200,)]
+    con.close()
+
+
+def test_a_parquet_timestamp_out_of_range_is_one_rejected_row(tmp_path):
+    seconds = [1_600_000_000, 10**13, -1, 1_600_000_001]  # 10**13 s overflows DuckDB's microseconds
+    table = pa.table({
+        "user_id": [1, 2, 3, 4], "item_id": [1, 1, 1, 1], "rating": [4.0] * 4,
+        "timestamp": pa.array(seconds, pa.timestamp("s")),  # pyarrow writes it as milliseconds
+    })  # fmt: skip
+    path = tmp_path / "events.parquet"
+    pq.write_table(table, path)
+
+    report, con = _ingest(tmp_path, files_plan(path))
+
+    assert con.execute("SELECT source_row, ts FROM raw.interactions ORDER BY 1").fetchall() == [
+        (1, 1_600_000_000), (4, 1_600_000_001)
+    ]  # fmt: skip
+    rejected = con.execute("SELECT source_row, ts, reason FROM raw.rejected_interactions ORDER BY 1")
+    assert rejected.fetchall() == [
+        (2, str(10**13), OUT_OF_RANGE), (3, "-1", OUT_OF_RANGE)
+    ]  # fmt: skip
+    assert report.interactions.rejected_by_reason == {OUT_OF_RANGE: 2}
+    con.close()
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_parquet_timestamps_of_every_unit_and_zone_become_unix_seconds(tmp_path, unit):
+    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    raw = [1_600_000_000 * per_second, 1_600_000_001 * per_second + per_second // 2]  # .5 s floors
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    for k, tz in enumerate([None, "Europe/Paris"]):
+        table = pa.table({"user_id": [k * 2 + 1, k * 2 + 2], "item_id": [1, 1], "rating": [4.0, 4.0],
+                          "timestamp": pa.array(raw, pa.timestamp(unit, tz=tz))})  # fmt: skip
+        pq.write_table(table, folder / f"part-{k}.parquet")
+
+    report, con = _ingest(tmp_path, files_plan(folder))
+
+    assert report.interactions.rejected == 0
+    assert con.execute("SELECT user_id, ts FROM raw.interactions ORDER BY 1").fetchall() == [
+        (1, 1_600_000_000), (2, 1_600_000_001), (3, 1_600_000_000), (4, 1_600_000_001)
+    ]  # fmt: skip
+    con.close()
