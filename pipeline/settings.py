@@ -20,6 +20,9 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_MODEL_CONFIG`` | – | TOML of per-family hyper-parameters over ``models/families.toml`` |
 | ``RECSYS_BLESS_TOLERANCE`` | 0.02 | relative regression allowed against the last blessed version |
 | ``RECSYS_MAX_CONCURRENT`` | 1 | steps run at once: 1 = one process per run (in-process executor) |
+| ``RECSYS_DEVICE`` | ``auto`` | torch training: ``auto`` (CUDA if present) \\| ``cpu`` \\| ``cuda[:N]`` |
+| ``RECSYS_TORCH_THREADS`` | 1 | CPU threads of torch training (BENCHMARKS.md, "Training threads") |
+| ``RECSYS_STREAM_BUFFER_ROWS`` | 262144 | rows the streaming loader shuffles together (memory ~ this) |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 | ``RECSYS_MAX_LINE_BYTES`` | 1048576 | longest line an input text file may have (longer: ingest stops) |
 | ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a zip, ``.gz`` or parquet file may unpack to |
@@ -45,6 +48,8 @@ DBT_PROJECT_DIR = REPO_ROOT / "transforms"
 SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N; resolved against torch at training time
+DEFAULT_STREAM_BUFFER_ROWS = 1 << 18  # = models.runtime.DEFAULT_BUFFER_ROWS (not imported: torch)
 # The input guards' defaults (reasons beside them in ingest/guards.py):
 # 1 MiB per text line, 8 GiB unpacked per compressed file, 10,000 members per MovieLens zip,
 # 1,000 rejected rows kept per reason.
@@ -108,6 +113,15 @@ def memory_size(value: str, name: str = "RECSYS_DUCKDB_MEMORY_LIMIT") -> str:
     return text
 
 
+def device_choice(value: str | None, name: str = "RECSYS_DEVICE") -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (lower-cased), else a SettingsError naming ``name``.
+    Whether CUDA is there is checked when a family trains (``models.runtime.resolve_device``)."""
+    text = (value or "auto").strip().lower()
+    if text not in DEVICES and not re.fullmatch(r"cuda:\d+", text):
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(DEVICES)} (or cuda:N, e.g. cuda:1).")
+    return text
+
+
 def parse_column_map(text: str | None) -> dict[str, str]:
     """``"user_id=uid, item_id=sku"`` -> ``{"user_id": "uid", "item_id": "sku"}``."""
     if not text:
@@ -147,6 +161,9 @@ class Settings:
     model_config: Path | None = None
     max_concurrent: int = 1
     bless_tolerance: float = 0.02
+    device: str = "auto"
+    torch_threads: int = 1
+    stream_buffer_rows: int = DEFAULT_STREAM_BUFFER_ROWS
     families: tuple[str, ...] = ()  # empty = every registered family
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_unpack_bytes: int = DEFAULT_MAX_UNPACK_BYTES
@@ -235,6 +252,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         else None,
         bless_tolerance=_env_frac(env, "RECSYS_BLESS_TOLERANCE", 0.02),
         max_concurrent=_env_int(env, "RECSYS_MAX_CONCURRENT", 1, 1),
+        device=device_choice(env.get("RECSYS_DEVICE")),
+        torch_threads=_env_int(env, "RECSYS_TORCH_THREADS", 1, 1),
+        stream_buffer_rows=_env_int(env, "RECSYS_STREAM_BUFFER_ROWS", DEFAULT_STREAM_BUFFER_ROWS, 1),
         families=tuple(f.strip() for f in (env.get("RECSYS_FAMILIES") or "").split(",") if f.strip()),
         max_line_bytes=_env_int(env, "RECSYS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES, 64),
         max_unpack_bytes=_env_int(env, "RECSYS_MAX_UNPACK_BYTES", DEFAULT_MAX_UNPACK_BYTES, 1),

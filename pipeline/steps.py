@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from models.base import CONFIG_FILE, WEIGHTS_FILE
 from models.catalogue import Family, load_model
 from models.config import parse_config
 from models.data import Snapshot
+from models.runtime import Runtime, resolve_device, use_runtime
 from pipeline.family_config import family_configs
 from pipeline.reuse import (
     StepCache,
@@ -35,7 +36,7 @@ from pipeline.reuse import (
     reuse_key,
     snapshot_key,
 )
-from pipeline.settings import Settings
+from pipeline.settings import Settings, device_choice
 
 ONNX_FILES = ("model.onnx", "signature.json", "lineage.json")
 
@@ -136,16 +137,44 @@ class Trained:
     history: list[dict]
     config: dict
     upstream_models: dict
+    training: dict = field(default_factory=dict)  # device, threads, budget_hit, epochs (training_summary)
+
+
+def training_runtime(settings: Settings, device: str | None = None) -> Runtime:
+    """Where a family trains: the run config's ``device`` or ``RECSYS_DEVICE`` resolved against
+    torch (``cuda`` without CUDA fails, naming which one asked), ``RECSYS_TORCH_THREADS`` CPU
+    threads, streamed rows shuffled ``RECSYS_STREAM_BUFFER_ROWS`` at a time. One process: rank 0
+    of 1 (a torchrun launcher would set both)."""
+    name = "run config device" if device else "RECSYS_DEVICE"
+    choice = device_choice(device, name) if device else settings.device
+    return Runtime(device=str(resolve_device(choice, name)), threads=settings.torch_threads,
+                   buffer_rows=settings.stream_buffer_rows)  # fmt: skip
+
+
+def training_summary(runtime: Runtime, loops: list[dict]) -> dict:
+    """The model's ``meta["training"]``: the runtime, whether a time budget cut training short,
+    and the epochs each training loop validated (neumf runs three)."""
+    return {**runtime.describe(), "budget_hit": any(loop["budget_hit"] for loop in loops),
+            "epochs": sum(loop["epochs"] for loop in loops), "loops": loops}  # fmt: skip
+
+
+def _fit(family: Family, snapshot: str, config, log, runtime: Runtime, *upstream):
+    """``family.fit`` inside ``runtime``; the training summary goes into the model's meta."""
+    with use_runtime(runtime) as loops:
+        model = family.fit(Snapshot(snapshot), config, log.info, *upstream)
+    model.meta["training"] = training_summary(runtime, loops)
+    return model
 
 
 def train(
     family: Family, snapshot: str, settings: Settings, run_id: str, log, code_version: str,
-    upstream_dirs: Mapping[str, str] | None = None,
+    upstream_dirs: Mapping[str, str] | None = None, device: str | None = None,
 ) -> Trained:  # fmt: skip
     """Fit ``family`` on the snapshot, or reuse the checkpoint of an earlier run with the same key.
 
     Raises:
         ValueError: the model config for this family is unreadable or has unknown fields.
+        DeviceUnavailable: ``device`` (or RECSYS_DEVICE) is ``cuda`` and torch sees no CUDA device.
     """
     upstream_dirs = dict(upstream_dirs or {})
     with in_use(settings, family.name, snapshot, *upstream_dirs.values()):
@@ -153,6 +182,8 @@ def train(
         parts = model_key_parts(
             family.name, code_version, jsonable(config), snapshot_key(snapshot), upstream_dirs
         )
+        runtime = training_runtime(settings, device)
+        parts["runtime"] = runtime.key()  # CPU and CUDA weights differ
         key = reuse_key("model", parts)
         cache = StepCache(settings.artifacts_dir, family.name, "model", (WEIGHTS_FILE, CONFIG_FILE))
         hit = cache.lookup(key, log)
@@ -163,21 +194,22 @@ def train(
             log.info(reuse.note("checkpoint"))
             meta = saved.get("meta") or {}
             return Trained(out, reuse, hit.get("fit_seconds", 0.0), saved.get("history") or [],
-                           saved.get("config") or {}, meta.get("upstream_models") or {})  # fmt: skip
+                           saved.get("config") or {}, meta.get("upstream_models") or {},
+                           meta.get("training") or {})  # fmt: skip
         start = time.perf_counter()
         if family.upstream:
             upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
-            model = family.fit(Snapshot(snapshot), config, log.info, upstream)
+            model = _fit(family, snapshot, config, log, runtime, upstream)
             # saved in config.json's meta, read back by the export step into lineage.json
             model.meta["upstream_models"] = upstream.used()
         else:
-            model = family.fit(Snapshot(snapshot), config, log.info)
+            model = _fit(family, snapshot, config, log, runtime)
         seconds = round(time.perf_counter() - start, 2)
         out = settings.artifacts_dir / family.name / run_id / "model"
         model.save(out)
         cache.record(key, out, run_id, {"fit_seconds": seconds})
         return Trained(out, reuse, seconds, model.history, jsonable(model.config),
-                       model.meta.get("upstream_models") or {})  # fmt: skip
+                       model.meta.get("upstream_models") or {}, model.meta["training"])  # fmt: skip
 
 
 # --- export -------------------------------------------------------------------------------

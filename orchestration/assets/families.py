@@ -33,6 +33,13 @@ def _reuse_metadata(reuse: steps.Reuse, stage: str) -> dict:
     return {"reused": reuse.reused, "reuse": reuse.note(stage), "reuse_key": reuse.key}
 
 
+class TrainingRunConfig(dg.Config):
+    """Per-run override of where the torch families train (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``); empty means RECSYS_DEVICE."""
+
+    device: str = ""
+
+
 def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
     name = family.name
     upstream_ins = {steps.upstream_input_name(u): dg.AssetIn(_key("model", u)) for u in family.upstream}
@@ -54,16 +61,19 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
             f"`{name}` ({family.task.value}) trained on the mart snapshot; checkpoint (`model.pt`, "
             f"`config.json`) under `$RECSYS_HOME/artifacts/{name}/<run_id>/model/`. Metadata: "
             "training curve, config, fit time. On unchanged snapshot, config and code the earlier "
-            "checkpoint is reused instead of retrained (`reused: true`, `reuse` says from which run)."
+            "checkpoint is reused instead of retrained (`reused: true`, `reuse` says from which run). "
+            "`training`: device, threads, rows streamed or in memory, `budget_hit` (the config's "
+            "`max_minutes` ran out); run config `device` overrides RECSYS_DEVICE."
             + (upstream_note if family.upstream else "")
         ),
     )
-    def train(context: dg.AssetExecutionContext, snapshot: str, **upstream_dirs: str):
+    def train(
+        context: dg.AssetExecutionContext, config: TrainingRunConfig, snapshot: str, **upstream_dirs: str
+    ):
         settings = load_settings()
         try:
-            result = steps.train(
-                family, snapshot, settings, context.run_id, context.log, version, upstream_dirs
-            )
+            result = steps.train(family, snapshot, settings, context.run_id, context.log, version,
+                                 upstream_dirs, config.device or None)  # fmt: skip
         except (TypeError, ValueError) as exc:  # config errors name the field and the allowed ones
             raise dg.Failure(f"model config for {name}: {exc}") from exc
         upstream = (
@@ -77,6 +87,8 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
                 **_reuse_metadata(result.reuse, "checkpoint"),
                 "fit_seconds": result.fit_seconds,
                 "epochs": len(result.history),
+                "budget_hit": bool(result.training.get("budget_hit", False)),
+                "training": dg.MetadataValue.json(result.training),
                 "training_curve": dg.MetadataValue.md(curve_markdown(result.history)),
                 "history": dg.MetadataValue.json(result.history),
                 "config": dg.MetadataValue.json(result.config),
