@@ -113,8 +113,8 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, warehous
         ) from None
     for table, rep in landed.report.tables.items():
         if rep.rejected:
-            context.log.warning(f"raw_{table}: {rep.rejected} rows rejected ({rep.rejected_by_reason}); "
-                                f"see raw.rejected_{table}")  # fmt: skip
+            context.log.warning(f"raw_{table}: {rep.rejected} rejected ({rep.rejected_by_reason}); first "
+                                f"{settings.max_rejected_per_reason}/reason: raw.rejected_{table}")
         yield dg.MaterializeResult(
             asset_key=RAW_KEYS[table],
             data_version=dg.DataVersion(rep.fingerprint),
