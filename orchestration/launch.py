@@ -271,6 +271,49 @@ def _append_output(output: Path, log_path: Path | None) -> None:
     output.unlink()
 
 
+def with_fitted_upstream(instance, keys: set) -> list[str]:
+    """Add to ``keys`` the upstream model of every selected family that builds on another
+    (emb_knn on mf_implicit's embeddings) when that model is not selected and its latest
+    materialisation was not fitted on the snapshot this run uses, and what that one needs in
+    turn. Returns one line per addition saying why.
+
+    Dagster hands an unselected asset's latest value to its children, so ``--select
+    'model_wals*'`` after new data would give emb_knn a model fitted on the previous snapshot
+    (its step refuses it). Adding the model is what a consistent run needs, and costs nothing
+    when it is up to date: it is only added when stale, and then trained or reused."""
+    import dagster as dg
+
+    from models.catalogue import FAMILIES
+    from orchestration.assets.families import read_upstream, upstream_not_fitted_on
+
+    snapshot_key = dg.AssetKey("training_snapshot")
+    snapshot = None
+    if snapshot_key not in keys:  # else rebuilt in this run: which one is not known yet
+        event = instance.get_latest_materialization_event(snapshot_key)
+        path = event.asset_materialization.metadata.get("snapshot_dir") if event is not None else None
+        if path is None:
+            return []  # the run fails on the missing snapshot, whatever else it has
+        snapshot = str(path.value)
+    lines, pending = [], sorted(keys)
+    while pending:
+        name = pending.pop().to_user_string()
+        family = FAMILIES.get(name.removeprefix("model_")) if name.startswith("model_") else None
+        if family is None or not family.upstream:
+            continue
+        if snapshot is None:
+            why = {f"model_{up}": "training_snapshot is rebuilt in this run (it is reused if "
+                   "already fitted on the same inputs)" for up in read_upstream(family)}  # fmt: skip
+        else:
+            why = upstream_not_fitted_on(instance, family, snapshot)
+        for upstream, reason in why.items():
+            key = dg.AssetKey(upstream)
+            if key not in keys:
+                keys.add(key)
+                pending.append(key)
+                lines.append(f"recsys run: also running {upstream}: {name} builds on it and {reason}")
+    return lines
+
+
 def run(select: str, env: dict[str, str]) -> int:
     """Materialise the selected assets through ``execute_job`` on the persistent instance at
     ``$DAGSTER_HOME``: the run is recorded there (the UI shows it), the code location's executor
@@ -292,7 +335,7 @@ def run(select: str, env: dict[str, str]) -> int:
         selection = dg.AssetSelection.from_coercible(select.split(","))
         asked = selection.resolve(definition.asset_graph)
         # a multi-asset that cannot be subset runs whole: 'raw_interactions' brings raw_users/_items
-        keys = selection.required_multi_asset_neighbors().resolve(definition.asset_graph)
+        keys = set(selection.required_multi_asset_neighbors().resolve(definition.asset_graph))
         job = definition.get_implicit_job_def_for_assets(keys)
     except SettingsError as exc:
         print(f"recsys: {exc}", file=sys.stderr)
@@ -313,6 +356,9 @@ def run(select: str, env: dict[str, str]) -> int:
     output = logs / f".output-{token}.txt"
     result = refused = None
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for line in with_fitted_upstream(instance, keys):
+            print(line, flush=True)
+        job = definition.get_implicit_job_def_for_assets(keys)
         with (
             _redirected(output) as terminal,
             _Progress(env["DAGSTER_HOME"], logs, token, started, out=terminal) as progress,

@@ -9,13 +9,17 @@ Each body calls one function of ``pipeline/steps.py`` (where the reuse cache, bl
 promotion under the registry lock live) and turns its result into outputs and metadata.
 """
 
+from pathlib import Path
+
 import dagster as dg
 
 from models.catalogue import FAMILIES, Family
+from models.config import parse_config
 from orchestration.assets.metadata import curve_markdown, metrics_markdown
 from orchestration.assets.snapshot import training_snapshot
 from pipeline import steps
-from pipeline.reuse import source_version
+from pipeline.family_config import family_configs
+from pipeline.reuse import snapshot_key, source_version
 from pipeline.settings import load_settings
 
 TRAINING_POOL = "model_training"
@@ -31,6 +35,54 @@ def _key(stage: str, name: str) -> dg.AssetKey:
 
 def _reuse_metadata(reuse: steps.Reuse, stage: str) -> dict:
     return {"reused": reuse.reused, "reuse": reuse.note(stage), "reuse_key": reuse.key}
+
+
+def read_upstream(family: Family) -> tuple[str, ...]:
+    """The upstream families ``fit`` will read: the one its config's ``source`` names (emb_knn),
+    else every one it declares. A config that does not parse names them all (the step then
+    reports the config error)."""
+    try:
+        config = parse_config(family.config_cls, family_configs(load_settings()).get(family.name, {}))
+    except (TypeError, ValueError):
+        return family.upstream
+    source = getattr(config, "source", None)
+    return (source,) if source in family.upstream else family.upstream
+
+
+def upstream_not_fitted_on(instance: dg.DagsterInstance, family: Family, snapshot: str) -> dict[str, str]:
+    """``{model_<upstream>: why}`` for each upstream model ``fit`` will read whose latest
+    materialisation was not fitted on ``snapshot`` (or that was never materialised). Two
+    snapshot folders built from the same inputs count as one (``snapshot_key``): the upstream
+    model would be reused on either."""
+    stale = {}
+    for name in read_upstream(family):
+        key = _key("model", name)
+        event = instance.get_latest_materialization_event(key)
+        value = event.asset_materialization.metadata.get("snapshot") if event is not None else None
+        fitted = getattr(value, "value", value)
+        if fitted is None:
+            stale[key.to_user_string()] = "it was never materialised"
+        elif fitted != snapshot and snapshot_key(fitted) != snapshot_key(snapshot):
+            stale[key.to_user_string()] = (
+                f"its latest model (run {event.run_id}) was fitted on snapshot {Path(fitted).name}, "
+                f"not on {Path(snapshot).name}"
+            )
+    return stale
+
+
+def _refuse_stale_upstream(context: dg.AssetExecutionContext, family: Family, snapshot: str) -> None:
+    """A selection without the upstream model (the UI's "Materialize selected") would hand
+    ``fit`` one fitted on another snapshot: stop, naming the asset to add."""
+    stale = upstream_not_fitted_on(context.instance, family, snapshot)
+    if stale:
+        names = " and ".join(stale)
+        why = "; ".join(f"{key}: {reason}" for key, reason in stale.items())
+        raise dg.Failure(
+            f"model_{family.name} builds on {names}, which does not match the snapshot this run "
+            f"trains on ({why}). Add {names} to the selection and materialise again (in the UI, "
+            f"select it together with model_{family.name}; `recsys run --select` adds it itself).",
+            allow_retries=False,
+        )
 
 
 class TrainingRunConfig(dg.Config):
@@ -71,6 +123,8 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: TrainingRunConfig, snapshot: str, **upstream_dirs: str
     ):
         settings = load_settings()
+        if family.upstream:
+            _refuse_stale_upstream(context, family, snapshot)
         try:
             result = steps.train(family, snapshot, settings, context.run_id, context.log, version,
                                  upstream_dirs, config.device or None)  # fmt: skip
