@@ -10,13 +10,22 @@ stronger evidence of preference than a 1-star one, but the log keeps the spread 
 ~1.7x-2.8x, so a rating is still mostly a positive signal: top-K asks "will the user
 watch it", not "will they like it".
 
-Each half-sweep solves every row in closed form with the Gramian trick, never touching
-the dense users x items matrix:
+Each half-sweep minimises over every row with the other side held, never touching the dense
+users x items matrix (the Gramian trick): row i's normal equations are
 
     (w0 V^T V + V_i^T (W_i - w0) V_i + lam I) u_i = V_i^T W_i 1
 
 where V_i are the rows of the items user i interacted with (only nnz work per row on top
 of one shared d x d Gramian). Rows without interactions (index 0, cold items) solve to 0.
+
+The default solver (``cg_steps > 0``) takes a few conjugate-gradient steps per row,
+warm-started from the previous sweep's factors (Takacs, Pilaszy & Tikk 2011; ``implicit``'s
+CPU ALS does the same): the matrix is never formed, each step costs ``O(nnz_i d + d^2)``
+per row, in float32 torch, batched over blocks of rows of similar length
+(:class:`RowBlocks`). ``cg_steps = 0`` is the exact float64 solve (:func:`solve_rows`), the
+reference the tests compare the CG solve with. BENCHMARKS.md, "WALS against implicit",
+measures both against ``implicit``.
+
 Iterations are selected by valid NDCG@10 on a fixed sample of valid users (full ranking,
 train items excluded); the best iteration's factors are kept.
 
@@ -29,6 +38,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,15 +51,16 @@ from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
 from models.layers import UserTopKScorer
+from models.runtime import current_runtime
 from models.topk import popularity
-from models.train import format_row, history_row
+from models.train import deterministic, format_row, history_row
 
 
 @dataclass(frozen=True)
 class Config:
     # 32 factors: the brief's budget; on MovieLens-1M iALS gains little past 64 at this scale.
     dim: int = 32
-    # ALS converges in few sweeps; 10 is enough and each costs O(nnz d^2 + n d^3).
+    # ALS converges in few sweeps; 10 is enough (each costs O(cg_steps (nnz d + n d^2))).
     iterations: int = 10
     # Weight of every unobserved cell relative to an observed w_ij >= 1. MovieLens
     # users see ~1-5 % of items, so with w0=0.1 the unobserved mass (~20-100x more cells)
@@ -68,13 +80,30 @@ class Config:
     patience: int = 3
     # Users sampled from valid for model selection: full ranking costs n_items per user.
     eval_users: int = 1000
-    # Observed cells per chunk of the batched row solve (memory ~ chunk * d^2 * 8 bytes).
+    # Conjugate-gradient steps per row and half-sweep, warm-started from the last sweep: 3 is
+    # implicit's default, and with a warm start the rows track the exact solve within a few
+    # sweeps (BENCHMARKS.md, "WALS against implicit"). 0 = the exact float64 solve (23-75x slower).
+    cg_steps: int = 3
+    # The first sweeps start far from the solution (U = 0, V random), where 3 steps trail the
+    # exact solve (1M events: loss 0.666 vs 0.655 after sweep 2); these take 2 * cg_steps
+    # (0.655), which kept valid NDCG@10 at the exact solve's (BENCHMARKS.md).
+    cg_warmup_sweeps: int = 2
+    # Gathered float32 factors per block of the CG solve (rows x longest row x dim): 2^20 (4 MiB)
+    # stays in cache for the block's steps and amortises torch's per-call overhead; 4x either
+    # way measured slower.
+    block_floats: int = 1 << 20
+    # Observed cells per chunk of the exact solve (memory ~ chunk * d^2 * 8 bytes).
     chunk_nnz: int = 8192
     seed: int = 0
 
     def __post_init__(self):
         if self.dim < 1 or self.iterations < 1:
             raise ValueError("dim and iterations must be >= 1")
+        if self.cg_steps < 0 or self.cg_warmup_sweeps < 0 or self.block_floats < 1 or self.chunk_nnz < 1:
+            raise ValueError(
+                "cg_steps and cg_warmup_sweeps must be >= 0 (cg_steps 0 = exact solve), "
+                "block_floats and chunk_nnz >= 1"
+            )
         if not (0 < self.omega0 <= 1):
             raise ValueError(
                 f"omega0 must be in (0, 1] (relative to observed weights >= 1), got {self.omega0}"
@@ -131,6 +160,7 @@ def solve_rows(
 def objective(u: np.ndarray, v: np.ndarray, weights: sp.csr_matrix, omega0: float, lam: float) -> float:
     """The weighted objective without the dense matrix: sum over all cells of (u.v)^2 is
     ``sum((U^T U) * (V^T V))``, from which the observed cells are subtracted."""
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
     w = weights.tocoo()
     obs = pred_sq = 0.0
     # In chunks of cells: gathering u[row], v[col] for all 10M cells at once took ~5 GB.
@@ -158,6 +188,113 @@ def sweep(
     wt = weights.T.tocsr() if weights_t is None else weights_t
     v = solve_rows(u, wt, omega0, lam, chunk_nnz)
     return u, v
+
+
+# --- the default solver: conjugate gradient, batched over blocks of rows ------------------
+class RowBlocks:
+    """A weight matrix's non-empty rows cut into blocks for :func:`solve_rows_cg`, built once
+    per fit. Rows are sorted by length and grouped so that rows x the block's longest row stays
+    within ``block_cells`` (a longer row is a block alone); shorter rows are padded with weight
+    0, which adds nothing to either side of the normal equations."""
+
+    def __init__(self, weights: sp.csr_matrix, omega0: float, block_cells: int):
+        indptr, lengths = weights.indptr, np.diff(weights.indptr)
+        rows = np.flatnonzero(lengths)
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        n = lengths[rows]
+        self.n_rows = weights.shape[0]
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        k = 0
+        while k < len(rows):
+            lo, hi = k + 1, len(rows)  # largest j with (j - k) * n[j - 1] <= block_cells
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if (mid - k) * n[mid - 1] <= block_cells else (lo, mid - 1)
+            block = rows[k:lo]
+            pos = np.arange(n[lo - 1])
+            pad = pos[None, :] >= lengths[block][:, None]
+            cell = np.where(pad, 0, indptr[block][:, None] + pos[None, :])
+            cols = np.where(pad, 0, weights.indices[cell]).astype(np.int64)
+            w = np.where(pad, 0.0, weights.data[cell]).astype(np.float32)
+            w_minus = np.where(pad, 0.0, w - omega0).astype(np.float32)
+            self.blocks.append(
+                tuple(torch.from_numpy(a) for a in (block.astype(np.int64), cols.ravel(), w, w_minus))
+            )
+            k = lo
+
+
+def _cg_block(fixed, gram, x0, block, steps: int, out) -> None:
+    """``steps`` CG steps on one block's rows from ``x0``, written into ``out`` (float32)."""
+    rows, cols, w, w_minus = block
+    y = fixed.index_select(0, cols).view(*w.shape, -1)  # [B, L, d] factors of the row's cells
+    y_t = y.transpose(1, 2)
+    x = x0.index_select(0, rows)
+
+    def a_times(p):  # (gram + Y^T diag(w - w0) Y) p, per row
+        t = torch.bmm(p.unsqueeze(1), y_t).mul_(w_minus.unsqueeze(1))
+        return torch.baddbmm(torch.mm(p, gram).unsqueeze(1), t, y).squeeze(1)
+
+    r = torch.bmm(w.unsqueeze(1), y).squeeze(1).sub_(a_times(x))  # b - A x
+    p, rs = r.clone(), torch.linalg.vecdot(r, r)
+    for _ in range(steps):
+        ap = a_times(p)
+        alpha = (rs / torch.linalg.vecdot(p, ap).clamp_min_(1e-30)).unsqueeze(1)  # 0 once r = 0
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        rs_new = torch.linalg.vecdot(r, r)
+        p.mul_((rs_new / rs.clamp_min(1e-30)).unsqueeze(1)).add_(r)
+        rs = rs_new
+    out.index_copy_(0, rows, x)
+
+
+def solve_rows_cg(
+    fixed: np.ndarray,
+    blocks: RowBlocks,
+    x0: np.ndarray,
+    omega0: float,
+    lam: float,
+    steps: int,
+    pool: ThreadPoolExecutor | None = None,
+) -> np.ndarray:
+    """Rows ``x_i`` after ``steps`` CG steps from ``x0`` on the same normal equations as
+    :func:`solve_rows` (float32; empty rows 0). Blocks are independent, so a ``pool`` of
+    threads (torch on one intra-op thread each) gives the same result as none."""
+    fixed_t = torch.from_numpy(np.ascontiguousarray(fixed, np.float32))
+    x0_t = torch.from_numpy(np.ascontiguousarray(x0, np.float32))
+    f64 = fixed_t.double()
+    d = fixed_t.shape[1]
+    gram = (omega0 * (f64.T @ f64) + lam * torch.eye(d, dtype=torch.float64)).float()
+    out = torch.zeros(blocks.n_rows, d)
+
+    def work(block):
+        _cg_block(fixed_t, gram, x0_t, block, steps, out)
+
+    for _ in pool.map(work, blocks.blocks) if pool else map(work, blocks.blocks):
+        pass
+    return out.numpy()
+
+
+def block_objective(u: np.ndarray, v: np.ndarray, blocks: RowBlocks, omega0: float, lam: float) -> float:
+    """:func:`objective` over the user ``blocks`` of the CG solve: per-block float32 products
+    (cache-sized, not the chunked float64 gathers that cost more than a sweep at 1M events),
+    float64 sums; agrees with :func:`objective` to ~1e-6 relative."""
+    u_t = torch.from_numpy(np.ascontiguousarray(u, np.float32))
+    v_t = torch.from_numpy(np.ascontiguousarray(v, np.float32))
+    obs = pred_sq = 0.0
+    for rows, cols, w, _ in blocks.blocks:
+        y = v_t.index_select(0, cols).view(*w.shape, -1)
+        pred = torch.bmm(u_t.index_select(0, rows).unsqueeze(1), y.transpose(1, 2)).squeeze(1)
+        obs += float((w * (1.0 - pred).square()).sum(dtype=torch.float64))  # padding: w = 0
+        pred_sq += float(pred.square().masked_fill_(w == 0, 0.0).sum(dtype=torch.float64))
+    u64, v64 = u_t.double(), v_t.double()
+    all_sq = float(((u64.T @ u64) * (v64.T @ v64)).sum())
+    return obs + omega0 * (all_sq - pred_sq) + lam * float(u64.square().sum() + v64.square().sum())
+
+
+def cg_sweep(u, v, blocks: tuple[RowBlocks, RowBlocks], omega0, lam, steps, pool=None):
+    """One ALS iteration with the CG row solves: users given V, then items given the new U."""
+    u = solve_rows_cg(v, blocks[0], u, omega0, lam, steps, pool)
+    return u, solve_rows_cg(u, blocks[1], v, omega0, lam, steps, pool)
 
 
 # --- scorer -------------------------------------------------------------------------------
@@ -210,29 +347,42 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     eval_users = np.sort(rng.choice(candidates, size=min(config.eval_users, len(candidates)), replace=False))
     train_seen = counts.tocsr()
 
+    if config.cg_steps:  # float32 from here; blocks built once
+        u, v = u.astype(np.float32), v.astype(np.float32)
+        cells = max(1, config.block_floats // config.dim)
+        blocks = (RowBlocks(weights, config.omega0, cells), RowBlocks(weights_t, config.omega0, cells))
+    threads = current_runtime().threads
+    # Threads take whole blocks (torch on one intra-op thread): no per-call barrier, which on a
+    # busy 2-core machine made 2 intra-op threads 5-12x slower, and the same result at any count.
+    pool_cm = ThreadPoolExecutor(threads) if config.cg_steps and threads > 1 else nullcontext()
     history, best, best_uv, bad = [], None, None, 0
     setup = time.perf_counter() - start
-    for it in range(1, config.iterations + 1):
-        t0 = time.perf_counter()
-        u, v = sweep(u, v, weights, config.omega0, config.lam, config.chunk_nnz, weights_t)
-        loss = objective(u, v, weights, config.omega0, config.lam) / weights.nnz
-        if len(eval_users):
-            m = ranking_metrics(u[eval_users] @ v.T, train_seen, eval_users, relevant)
-            metric = m["ndcg@10"]
-        else:
-            m, metric = {}, None
-        row = history_row(
-            it, loss, metric, "ndcg@10", weights.nnz, time.perf_counter() - t0 + (setup if it == 1 else 0)
-        )
-        history.append(row)
-        log(format_row("wals", row) + (f"  valid_recall@20 {m['recall@20']:.4f}" if m else ""))
-        if metric is None or best is None or metric > best:
-            best, best_uv, bad = metric, (u.copy(), v.copy()), 0
-        else:
-            bad += 1
-            if bad >= config.patience:
-                log(f"[wals] early stop: no better valid_ndcg@10 for {config.patience} iterations")
-                break
+    with deterministic(config.seed, threads=1), pool_cm as pool:
+        for it in range(1, config.iterations + 1):
+            t0 = time.perf_counter()
+            if config.cg_steps:
+                steps = config.cg_steps * (2 if it <= config.cg_warmup_sweeps else 1)
+                u, v = cg_sweep(u, v, blocks, config.omega0, config.lam, steps, pool)
+                loss = block_objective(u, v, blocks[0], config.omega0, config.lam) / weights.nnz
+            else:
+                u, v = sweep(u, v, weights, config.omega0, config.lam, config.chunk_nnz, weights_t)
+                loss = objective(u, v, weights, config.omega0, config.lam) / weights.nnz
+            if len(eval_users):
+                m = ranking_metrics(u[eval_users] @ v.T, train_seen, eval_users, relevant)
+                metric = m["ndcg@10"]
+            else:
+                m, metric = {}, None
+            seconds = time.perf_counter() - t0 + (setup if it == 1 else 0)
+            row = history_row(it, loss, metric, "ndcg@10", weights.nnz, seconds)
+            history.append(row)
+            log(format_row("wals", row) + (f"  valid_recall@20 {m['recall@20']:.4f}" if m else ""))
+            if metric is None or best is None or metric > best:
+                best, best_uv, bad = metric, (u.copy(), v.copy()), 0
+            else:
+                bad += 1
+                if bad >= config.patience:
+                    log(f"[wals] early stop: no better valid_ndcg@10 for {config.patience} iterations")
+                    break
     u, v = best_uv
     module = WALSScorer(n_users, n_items, config.dim)
     module.user_factors.copy_(torch.from_numpy(u.astype(np.float32)))
