@@ -138,10 +138,11 @@ def _block_pearson(
 
 def _block_cosine(cn: sp.csr_matrix, ones: sp.csr_matrix, shrink: float, lo: int, hi: int) -> np.ndarray:
     """Shrunk cosine ``[hi - lo, n_users]`` of users ``lo:hi`` against every user, in float32
-    from the row-normalised ``cn`` (two sparse @ dense products, counts exact in float32)."""
+    from the row-normalised ``cn``; the co-rated counts in ``ones``' integer dtype (int16 when
+    every row is shorter than 32,768: exact, and twice as fast as float32)."""
     dot = np.asarray(cn @ cn[lo:hi].toarray().T)  # [n_users, b]
     common = np.asarray(ones @ ones[lo:hi].toarray().T)
-    w = common + np.float32(shrink + 1e-12)
+    w = np.add(common, shrink + 1e-12, dtype=np.float32)
     np.divide(common, w, out=w)
     return np.multiply(dot.T, w.T, order="C")
 
@@ -176,12 +177,12 @@ def user_similarity_topk(
     inv_norm = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
     cn = c.astype(np.float32)  # rows scaled to unit norm: the product is the cosine
     cn.data *= np.repeat(inv_norm, np.diff(c.indptr)).astype(np.float32)
-    ones32 = ones.astype(np.float32)
+    counts = ones.astype(np.int16 if np.diff(c.indptr).max(initial=0) < 2**15 else np.int32)
 
     def block(lo: int) -> tuple[np.ndarray, np.ndarray]:
         hi = min(lo + block_size, n_users)
         if similarity == "cosine":
-            sim = _block_cosine(cn, ones32, shrink, lo, hi)
+            sim = _block_cosine(cn, counts, shrink, lo, hi)
         else:
             sim, common = _block_pearson(c, ones, c2, lo, hi)
             sim *= common / (common + shrink + 1e-12)
