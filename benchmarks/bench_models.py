@@ -35,14 +35,13 @@ DEFAULT_FAMILIES = ("item_knn", "wals")
 
 # Config overrides per size, so the 10M runs fit the benchmark's ~5 minute budget. Every cap
 # is printed in the table; nothing is skipped silently.
-# WALS at 10M with its default 10 iterations ran past 3 minutes (killed at 190 s, 2026-11-26),
-# so it is capped at 3 sweeps there.
+# WALS runs its default 10 sweeps at 10M since the conjugate-gradient solve (about 2 minutes
+# on two cores; the exact solve ran past 3 minutes and was capped at 3 sweeps).
 # The neural top-K families at 10M (about 8M train positives, 4-5 sampled negatives each) are
 # capped at 2 epochs (cdae: 3, its epochs are one pass over users, not cells): enough to time
 # an epoch and see the metric move, not a converged model.
 CAPS: dict[int, dict[str, dict]] = {
     10_000_000: {
-        "wals": {"iterations": 3},
         "cdae": {"epochs": 3},
         "gmf": {"epochs": 2},
         "ncf_mlp": {"epochs": 2},
