@@ -128,35 +128,41 @@ class ParquetRows:
             if len(arrays[0]):
                 yield arrays
 
-    def _buffers(self, epoch: int, carry: list[int]) -> Iterator[Arrays]:
-        parts: list[Arrays] = []
-        size = 0
-        for arrays in self._chunks(self.groups_for(epoch)):
+    def _fill(self, chunks: Iterator[Arrays], carry: Arrays | None) -> tuple[Arrays | None, int]:
+        """The next buffer (the carried rows, then row groups until it holds ``buffer_rows`` rows
+        or the groups run out) and how many rows it read from the file."""
+        parts = [carry] if carry is not None else []
+        size, fresh = (0 if carry is None else len(carry[0])), 0
+        for arrays in chunks:
             parts.append(arrays)
             size += len(arrays[0])
-            self.peak_rows = max(self.peak_rows, size + carry[0])
+            fresh += len(arrays[0])
+            self.peak_rows = max(self.peak_rows, size)
             if size >= self.buffer_rows:
-                yield _concat(parts)
-                parts, size = [], 0
-        if parts:
-            yield _concat(parts)
+                break
+        return (_concat(parts) if parts else None), fresh
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[list[torch.Tensor]]:
         """Shuffled batches of ``batch_size`` rows (the epoch's last one may be smaller), as tensors."""
+        chunks = self._chunks(self.groups_for(epoch))
         carry: Arrays | None = None
-        held = [0]  # rows carried from the previous buffer, for peak_rows
-        for buffer in self._buffers(epoch, held):
-            if carry is not None:
-                buffer = _concat([carry, buffer])
-            buffer = _take(buffer, self.rng.permutation(len(buffer[0])))
-            n = len(buffer[0])
+        while True:
+            buffer, fresh = self._fill(chunks, carry)
+            if not fresh:  # the file is done: the carried rows are the last, smaller batch
+                if carry is not None:
+                    yield [torch.from_numpy(a) for a in carry]
+                return
+            perm = self.rng.permutation(len(buffer[0]))
+            columns = list(buffer)
+            del buffer  # permute column by column: the buffer is held once, plus one column
+            for j, a in enumerate(columns):
+                columns[j] = a[perm]
+            n = len(perm)
             full = n - n % batch_size
             for lo in range(0, full, batch_size):
-                yield [torch.from_numpy(a[lo : lo + batch_size]) for a in buffer]
-            carry = _take(buffer, slice(full, n)) if full < n else None
-            held[0] = n - full
-        if carry is not None:
-            yield [torch.from_numpy(a) for a in carry]
+                yield [torch.from_numpy(a[lo : lo + batch_size]) for a in columns]
+            carry = tuple(a[full:].copy() for a in columns) if full < n else None
+            del columns
 
     def ordered(self, batch_size: int) -> Iterator[Arrays]:
         """Every row of the split in file order (all ranks' groups), in batches of ``batch_size``
