@@ -170,24 +170,40 @@ def _train_rows(snapshot: Snapshot, config: Config):
     return rows, n, (np.float32(float(np.float32(total)) / max(n, 1)), lo, hi) if n else None
 
 
+def _eval_rows(snapshot: Snapshot) -> tuple[np.ndarray, ...]:
+    """``(user, item, rating)`` of the valid split (train when there is none: then the train RMSE
+    picks the epoch and only the cap stops it). Streamed, only those rows are ever held."""
+    for split in ("valid", "train"):
+        if not current_runtime().stream:
+            r = snapshot.ratings(split)
+            parts = [(r.user_idx, r.item_idx, r.rating)] if len(r) else []
+        else:
+            parts = list(
+                snapshot.stream("fct_ratings", split, RATING_COLUMNS, _rating_arrays).ordered(1 << 16)
+            )
+        if parts:
+            return tuple(np.concatenate(cols) for cols in zip(*parts))
+    raise AssertionError("unreachable: fit checked the train split")
+
+
 def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) -> MFSGD:
     rows, n_train, stats = _train_rows(snapshot, config)
     if n_train == 0:
         raise ValueError(f"{snapshot.path}: empty train split; mf_sgd needs train ratings")
-    valid = snapshot.ratings("valid")
     mean, r_min, r_max = stats
     lo, hi = (float(x) for x in snapshot.meta.get("rating_range", (r_min, r_max)))
     meta = {"n_users": snapshot.n_users, "n_items": snapshot.n_items, "rating_range": [lo, hi]}
     with deterministic(config.seed):
         module = MatrixFactorization(snapshot.n_users, snapshot.n_items, config.dim, lo, hi, config.init_std)
         module.global_mean.fill_(float(mean))
-        # Without a valid split the train RMSE picks the epoch (then only the cap stops it).
-        ev = valid if len(valid) else snapshot.ratings("train")
-        ev_u, ev_i = torch.from_numpy(ev.user_idx), torch.from_numpy(ev.item_idx)
+        ev_u, ev_i, ev_r = _eval_rows(snapshot)
+        ev_u, ev_i = torch.from_numpy(ev_u), torch.from_numpy(ev_i)
 
-        def valid_rmse(m: nn.Module) -> float:
+        def valid_rmse(m: nn.Module, batch: int = 1 << 16) -> float:
             device = module_device(m)
-            return rmse(ev.rating, m(ev_u.to(device), ev_i.to(device)).cpu().numpy())
+            pred = [m(ev_u[lo : lo + batch].to(device), ev_i[lo : lo + batch].to(device)).cpu().numpy()
+                    for lo in range(0, len(ev_u), batch)]  # fmt: skip
+            return rmse(ev_r, np.concatenate(pred))
 
         history = train_torch(
             module,
