@@ -20,9 +20,7 @@ from the sparse centred matrix in blocks of item rows (block x n_items dense at 
 Scorer (ONNX): ``item_idx [B]``, ``hist_item_idx [B, L]`` and ``hist_rating [B, L]`` (the
 user's train ratings, 0-padded; any order, no duplicates) -> ``rating [B]``. The
 neighbour lists are buffers ``nbr_idx``/``nbr_sim [n_items, k]`` (padding: index 0, sim 0).
-Eager calls find each neighbour in the history by binary search (``B*k*log L``); the
-exported graph compares all pairs (``B*k*L``), same result. Fallback when none of i's
-neighbours was rated: item_centred -> the item's damped mean
+Fallback when none of i's neighbours was rated: item_centred -> the item's damped mean
 (global mean for an unknown item); seed -> the user's mean over the given history, else the
 item's mean, else the global train mean. Clipped to the rating range.
 """
@@ -197,21 +195,13 @@ class ItemKNNScorer(nn.Module):
         nbr = self.nbr_idx[item_idx]  # [B, k]
         sim = self.nbr_sim[item_idx]  # [B, k]
         present = hist_item_idx != 0  # [B, L]
+        match = (nbr.unsqueeze(2) == hist_item_idx.unsqueeze(1)) & present.unsqueeze(1)  # [B, k, L]
+        match = match & (nbr != 0).unsqueeze(2)
+        w = match.to(sim.dtype) * sim.unsqueeze(2)  # [B, k, L]
         hist_safe = torch.where((hist_item_idx >= 0) & (hist_item_idx < n_items), hist_item_idx, 0)
         deviation = hist_rating - self.centre * self.item_mean[hist_safe]  # [B, L]
-        exporting = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-        if exporting or hist_item_idx.shape[1] == 0:
-            match = (nbr.unsqueeze(2) == hist_item_idx.unsqueeze(1)) & present.unsqueeze(1)  # [B, k, L]
-            w = (match & (nbr != 0).unsqueeze(2)).to(sim.dtype) * sim.unsqueeze(2)  # [B, k, L]
-            num = (w * deviation.unsqueeze(1)).sum(dim=(1, 2))
-            den = w.abs().sum(dim=(1, 2))
-        else:  # eager: binary search of each neighbour in the sorted history, B*k*log L not B*k*L
-            key, order = torch.where(present, hist_item_idx, -1).sort(dim=1)
-            pos = torch.searchsorted(key, nbr).clamp(max=key.shape[1] - 1)
-            found = (key.gather(1, pos) == nbr) & (nbr != 0)
-            w = found.to(sim.dtype) * sim  # [B, k]
-            num = (w * deviation.gather(1, order.gather(1, pos))).sum(dim=1)
-            den = w.abs().sum(dim=1)
+        num = (w * deviation.unsqueeze(1)).sum(dim=(1, 2))
+        den = w.abs().sum(dim=(1, 2))
         n_hist = present.to(hist_rating.dtype).sum(dim=1)
         user_mean = (hist_rating * present.to(hist_rating.dtype)).sum(dim=1) / n_hist.clamp(min=1.0)
         item_mean = self.item_mean[item_idx]
