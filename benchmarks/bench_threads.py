@@ -141,7 +141,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from models.data import Snapshot
-    from models.runtime import Runtime
 
     paths = args.snapshot
     if not paths:
@@ -155,8 +154,10 @@ def main() -> None:
         return run_rss(paths, args.families, args.modes, args.buffer_rows or DEFAULT_BUFFER_ROWS)
     path = paths[0]
     snapshot = Snapshot(path)
-    if args.fingerprint:
+    if args.fingerprint:  # before importing models.runtime: runs on checkouts older than it, too
         return fingerprint(snapshot, args.families)
+    from models.runtime import Runtime
+
     if args.paths:
         variants = {"stream": Runtime(stream=True), "memory": Runtime(stream=False)}
     else:
