@@ -19,6 +19,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
+from common.io import exclusive_lock
 from orchestration.resources import WarehouseResource
 from pipeline.dbt_selection import SubsetSelection, subset_selection
 from pipeline.settings import DBT_PROJECT_DIR, SPLITS, load_settings
@@ -53,16 +54,20 @@ def ensure_manifest(project: DbtProject = dbt_project) -> Path:
     materialize`` would otherwise fail to load.
     """
     export_dbt_env()
-    if _manifest_is_stale(project):
-        cmd = [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(project.project_dir),
-               "--profiles-dir", str(project.profiles_dir)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"`dbt parse` of {project.project_dir} failed; fix the dbt project first:\n"
-                f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
-            )
-    return Path(project.manifest_path)
+    manifest = Path(project.manifest_path)
+    # Processes that load the definitions together (a webserver and a daemon, parallel test
+    # workers) would otherwise parse at once and one could read the other's half-written file.
+    with exclusive_lock(manifest.parent / ".parse.lock"):
+        if _manifest_is_stale(project):
+            cmd = [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(project.project_dir),
+                   "--profiles-dir", str(project.profiles_dir)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"`dbt parse` of {project.project_dir} failed; fix the dbt project first:\n"
+                    f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
+                )
+    return manifest
 
 
 class RecsysDbtTranslator(DagsterDbtTranslator):
