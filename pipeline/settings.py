@@ -24,6 +24,8 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_TORCH_THREADS`` | 1 | CPU threads of torch training (BENCHMARKS.md, "Training threads") |
 | ``RECSYS_STREAM_BUFFER_ROWS`` | 262144 | rows the streaming loader shuffles together (memory ~ this) |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
+| ``RECSYS_WAREHOUSE`` | ``duckdb`` | where dbt builds: ``duckdb`` \| ``spark`` (warehouse_spark.py) |
+| ``RECSYS_SPARK_MASTER`` / ``_DRIVER_MEMORY`` | ``local[2]`` / ``2g`` | the dbt profile's spark target |
 | ``RECSYS_MAX_LINE_BYTES`` | 1048576 | longest line an input text file may have (longer: ingest stops) |
 | ``RECSYS_MAX_UNPACK_BYTES`` | 8589934592 | most bytes a zip, ``.gz`` or parquet file may unpack to |
 | ``RECSYS_MAX_ZIP_MEMBERS`` | 10000 | most members a MovieLens zip may hold (zip-bomb guard) |
@@ -58,6 +60,7 @@ DEFAULT_MAX_UNPACK_BYTES = MAX_UNPACKED_BYTES
 DEFAULT_KEEP_VERSIONS = 5
 DEFAULT_MAX_ZIP_MEMBERS = MAX_ZIP_MEMBERS
 DEFAULT_MAX_REJECTED_ROWS_PER_REASON = MAX_REJECTED_ROWS_PER_REASON
+WAREHOUSES = ("duckdb", "spark")
 
 
 class SettingsError(ValueError):
@@ -173,10 +176,16 @@ class Settings:
     # Five recent versions to roll back to (a nightly refresh promotes at most one per family);
     # older ones, and the snapshots and artifacts only they needed, are pruned (retention.py).
     keep_versions: int = DEFAULT_KEEP_VERSIONS
+    warehouse_engine: str = "duckdb"  # RECSYS_WAREHOUSE: the engine dbt builds on
 
     @property
     def warehouse(self) -> Path:
         return self.home / "warehouse.duckdb"
+
+    @property
+    def spark_dir(self) -> Path:
+        """The Spark target's metastore, warehouse folder, raw parquet and tables."""
+        return self.home / "spark"
 
     @property
     def landing_dir(self) -> Path:
@@ -213,11 +222,17 @@ class Settings:
 
     def dbt_env(self) -> dict[str, str]:
         """Environment the dbt subprocess needs (its profile reads these)."""
-        return {
+        env = {
             "RECSYS_WAREHOUSE": str(self.warehouse),
             "RECSYS_DUCKDB_MEMORY_LIMIT": self.duckdb_memory_limit,
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         }
+        if self.warehouse_engine == "spark":  # profiles.yml: the `spark` target and its folders
+            spark = self.spark_dir
+            env.update(RECSYS_WAREHOUSE="spark", RECSYS_SPARK_DIR=str(spark),
+                       RECSYS_SPARK_RAW_DIR=str(spark / "raw"),
+                       RECSYS_SPARK_TABLES_DIR=str(spark / "tables"))  # fmt: skip
+        return env
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -264,7 +279,20 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         ),
         files_encoding=_env_choice(env, "RECSYS_FILES_ENCODING", "utf-8", ENCODINGS),
         keep_versions=_env_int(env, "RECSYS_KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, 1),
+        warehouse_engine=warehouse_choice(env.get("RECSYS_WAREHOUSE")),
     )
+
+
+def warehouse_choice(value: str | None) -> str:
+    """``duckdb`` or ``spark``. An absolute path also means ``duckdb``: it is what ``dbt_env``
+    exports for the dbt profile's duckdb target (the DuckDB file), so a process that exported
+    it reads its own setting back unchanged."""
+    text = (value or "duckdb").strip()
+    if text.lower() in WAREHOUSES:
+        return text.lower()
+    if os.path.isabs(text):
+        return "duckdb"
+    raise SettingsError(f"RECSYS_WAREHOUSE={value!r} is not one of {', '.join(WAREHOUSES)}.")
 
 
 def ensure_writable(folder: Path, variable: str = "RECSYS_HOME") -> Path:
