@@ -51,6 +51,7 @@ from torch import nn
 
 from models.base import TOPK, TOPK_NOTES, ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.distributed import rank_seed
 from models.runtime import module_device
 from models.topk import NegativeSampler, SampledTraining, ValidNDCG, popularity
 from models.train import deterministic, train_torch
@@ -296,7 +297,7 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> CDAE:
     with deterministic(config.seed):
         module = CDAEModule(snapshot.n_users, snapshot.n_items, config.hidden, config.init_std)
         module.popularity.copy_(popularity(snapshot))
-        build = BatchBuilder(train, config, config.seed + 1)
+        build = BatchBuilder(train, config, rank_seed(config.seed + 1))  # torchrun: a stream per rank
         history = train_torch(
             module,
             lambda m, b: CDAE.loss(m, b, config),

@@ -51,6 +51,7 @@ from torch import nn
 from common.metrics import ranking_metrics
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
+from models.distributed import Ranks, broadcast, rank_part
 from models.layers import UserTopKScorer
 from models.runtime import Budget, Stepper, current_runtime, record_loop, state_copy, to_device
 from models.topk import TopKTraining, popularity
@@ -272,6 +273,8 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
         module = MFImplicitScorer(n_users, n_items, config.dim, config.init_std).to(device)
         opt = make_optimizer(module.parameters(), "adam", config.lr)
         stepper, budget = Stepper(opt, rt), Budget(config.max_minutes, rt.clock)
+        # torchrun: every rank draws the same order and negatives and steps on its part of each batch
+        ranks = Ranks(rt, module, lambda m, b: MFImplicit.loss(m, b, config), config.seed, "mf_implicit")
         best, best_state, bad, stopped = None, state_copy(module), 0, "epochs"
         setup = time.perf_counter() - start
         for epoch in range(1, config.epochs + 1):
@@ -281,36 +284,40 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
             # resampled every epoch, for all cells at once (one vectorised call)
             negatives, _ = sample_unobserved(cells.observed, cells.user[order], config.n_negatives, rng)
             total, seen, cut = torch.zeros((), dtype=torch.float64, device=device), 0, False
-            for lo in range(0, len(cells), config.batch_size):
-                idx = order[lo : lo + config.batch_size]
-                batch = to_device(cells.batch(idx, negatives[lo : lo + config.batch_size]), device)
+            for k, lo in enumerate(range(0, len(cells), config.batch_size)):
+                part = rank_part(len(order[lo : lo + config.batch_size]), rt)
+                if part is None:  # fewer rows than ranks
+                    continue
+                a, b, weight = lo + part[0], lo + part[1], part[2]
+                idx = order[a:b]
+                batch = to_device(cells.batch(idx, negatives[a:b]), device)
                 with stepper.autocast():
-                    loss = MFImplicit.loss(module, batch, config)
+                    loss = ranks.loss(batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"mf_implicit: loss became {loss.item()} in epoch {epoch}; lower lr ({config.lr})"
                     )
-                stepper.step(loss)
+                stepper.step(loss if weight == 1.0 else loss * weight)
                 with torch.no_grad():  # keep the padding rows at 0 (Adam's momentum would move them)
                     module.user_factors[0].zero_()
                     module.item_factors[0].zero_()
                 total += loss.detach().double() * len(idx)
                 seen += len(idx)
-                if budget.expired():  # as models.train.train_torch: validate once at least
+                if ranks.budget_out(budget, k):  # as models.train.train_torch: validate once at least
                     cut = True
                     break
+            total, seen = ranks.summed(total, seen)
             if cut and history:
                 log(f"[mf_implicit] time budget of {config.max_minutes} min ran out in epoch {epoch}")
                 stopped = "budget"
                 break
             module.eval()
-            if len(eval_users):
+            m: dict = {}
+            if len(eval_users) and rt.rank == 0:  # rank 0 alone validates; every rank gets its metric
                 with torch.no_grad():
                     scores = (module.user_factors[eval_users] @ module.item_factors.T).float().cpu().numpy()
                 m = ranking_metrics(scores, train_seen, eval_users, relevant)
-                metric = m["ndcg@10"]
-            else:
-                m, metric = {}, None
+            metric = broadcast(m.get("ndcg@10"), rt) if len(eval_users) else None
             row = history_row(
                 epoch,
                 total.item() / seen,
@@ -329,7 +336,7 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
                     log(f"[mf_implicit] early stop: no better valid_ndcg@10 for {config.patience} epochs")
                     stopped = "early_stop"
                     break
-            if budget.expired():
+            if ranks.budget_out(budget):
                 log(f"[mf_implicit] time budget of {config.max_minutes} min ran out after epoch {epoch}")
                 stopped = "budget"
                 break
@@ -338,6 +345,6 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     module.eval()
     with torch.no_grad():
         module.popularity.copy_(popularity(snapshot))
-    record_loop(loop_report("mf_implicit", history, True, stopped, budget, rt))
+    record_loop({**loop_report("mf_implicit", history, True, stopped, budget, rt), **ranks.report()})
     meta = {"n_users": n_users, "n_items": n_items}
     return MFImplicit(config, module, meta, history)

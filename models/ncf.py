@@ -36,6 +36,7 @@ from torch import nn
 
 from models.base import ExportSpec, Task, TrainedModel, user_topk_spec
 from models.data import Snapshot
+from models.distributed import rank_seed
 from models.layers import MLP, UserTopKScorer
 from models.topk import NegativeSampler, SampledTraining, ValidNDCG, popularity
 from models.train import train_torch
@@ -164,8 +165,9 @@ def train_ncf(
     users, items = train_pairs(snapshot)
     if len(users) == 0:
         raise ValueError(f"{snapshot.path}: empty train split; {family} needs train interactions")
-    # Its own seed stream: the negatives do not depend on train_torch's shuffling.
-    sampler = NegativeSampler(users, items, snapshot.n_items, seed=config.seed + 1)
+    # Its own seed stream: the negatives do not depend on train_torch's shuffling (and, under
+    # torchrun, differ by rank: each rank draws the negatives of its part of the batch).
+    sampler = NegativeSampler(users, items, snapshot.n_items, seed=rank_seed(config.seed + 1))
     validation = validation or ValidNDCG(snapshot, config.eval_users, config.seed)
     module.popularity.copy_(popularity(snapshot))
 

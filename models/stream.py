@@ -6,8 +6,10 @@ file's size. Per epoch:
 
 1. the row groups that may hold the split (by their ``split`` min/max statistics) are shuffled
    as blocks with an RNG seeded by ``(seed, epoch)``, the same order in every process;
-2. rank ``r`` of ``world_size`` takes every ``world_size``-th block from ``r``: disjoint shares
-   that together cover the file (the cut a ``torchrun`` data-parallel run needs);
+2. with ``world_size`` > 1, each block in that order goes to the rank holding the fewest of the
+   split's rows so far (ties: the lowest rank): disjoint shares that together cover the file, their
+   row counts within one row group of each other (the cut a ``torchrun`` data-parallel run needs;
+   ``models.distributed`` evens out the step counts);
 3. the blocks are read in that order, their rows of the split converted to arrays
    (``convert(table)``) and gathered into a buffer; once it holds ``buffer_rows`` rows (or the
    blocks run out) it is permuted with the loader's row RNG (seeded once, with ``seed``), cut
@@ -33,6 +35,11 @@ import torch
 
 Arrays = tuple[np.ndarray, ...]
 SPLIT_COLUMN = "split"
+
+
+class UnreadableRowGroup(OSError):
+    """A row group of a snapshot file does not decode; the message names the file, the group and
+    the rank that read it."""
 
 
 def _concat(parts: Sequence[Arrays]) -> Arrays:
@@ -107,17 +114,47 @@ class ParquetRows:
         """Rows of the split in the whole file (every rank's share)."""
         return sum(self.group_rows.values())
 
+    def shares(self, epoch: int) -> list[list[int]]:
+        """Every rank's row groups in epoch ``epoch``'s block order (one process: all of them, with
+        no read of the row counts)."""
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.groups))
+        blocks = [self.groups[i] for i in order]
+        if self.world_size == 1:
+            return [blocks]
+        shares: list[list[int]] = [[] for _ in range(self.world_size)]
+        held = [0] * self.world_size
+        for g in blocks:  # to the rank with the fewest rows: no two ranks differ by more than a group
+            r = held.index(min(held))
+            shares[r].append(g)
+            held[r] += self.group_rows[g]
+        return shares
+
     def groups_for(self, epoch: int) -> list[int]:
         """This rank's row groups in epoch ``epoch``'s block order."""
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.groups))
-        return [self.groups[i] for i in order[self.rank :: self.world_size]]
+        return self.shares(epoch)[self.rank]
 
-    def rows_for(self, epoch: int) -> int:
-        """Rows this rank sees in epoch ``epoch`` (ranks differ by at most the largest group)."""
-        return sum(self.group_rows[g] for g in self.groups_for(epoch))
+    def rows_for(self, epoch: int, rank: int | None = None) -> int:
+        """Rows rank ``rank`` (default: this one) sees in epoch ``epoch`` (ranks differ by at most
+        the largest group)."""
+        return sum(self.group_rows[g] for g in self.shares(epoch)[self.rank if rank is None else rank])
+
+    def whole(self) -> ParquetRows:
+        """The same rows read as one process reads them (rank 0 of 1, the same seeds): the order
+        every rank shares when ``models.distributed`` cuts global batches instead of row groups."""
+        rows = ParquetRows(self.path, self.split, self.columns, self.convert, seed=self.seed,
+                           buffer_rows=self.buffer_rows)  # fmt: skip
+        rows._group_rows = self._group_rows
+        return rows
 
     def _read(self, file: pq.ParquetFile, group: int) -> Arrays:
-        table = file.read_row_group(group, columns=self.columns)
+        try:
+            table = file.read_row_group(group, columns=self.columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise UnreadableRowGroup(
+                f"{self.path}: row group {group} (columns {self.columns}) cannot be read ({exc}); "
+                f"rank {self.rank} of {self.world_size} read it. The file is damaged: delete the "
+                "snapshot folder and materialise `training_snapshot` again."
+            ) from exc
         table = table.filter(pc.equal(table[SPLIT_COLUMN], self.split))
         return tuple(self.convert(table))
 

@@ -9,6 +9,11 @@ Where it runs is the ``models.runtime.Runtime`` the caller set: the loop moves t
 every batch to its device, uses autocast (bf16; fp16 with a GradScaler where bf16 is missing)
 only on CUDA, and hands the module back on the CPU, so saving, export and the parity gate never
 depend on where training ran. A family's ``max_minutes`` bounds the loop (``train_torch``).
+
+Under ``torchrun`` (a runtime with ``world_size`` > 1) the same loop trains with
+DistributedDataParallel: each rank steps on its part of every batch, rank 0 alone validates, and
+its metric and budget verdict are broadcast so that every rank stops at the same step
+(``models.distributed``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.distributed import Ranks
 from models.runtime import Budget, Runtime, Stepper, current_runtime, record_loop, state_copy, to_device
 
 Log = Callable[[str], None]
@@ -147,6 +153,10 @@ def train_torch(
     always a best checkpoint). After a validated epoch an exhausted budget stops training too.
     Either way the best validated weights are kept and the loop's report (``record_loop``) says
     ``budget_hit: true``. Returns one history row per validated epoch.
+
+    With ``world_size`` > 1 processes (``models.distributed.Ranks``), ``batch_size`` is the global
+    batch: each rank steps on its part of it; ``evaluate`` runs on rank 0 only; the history's loss
+    and rows are over every rank, and every rank returns the same (best) weights.
     """
     rt = current_runtime()
     rows = arrays if hasattr(arrays, "epoch") else ArrayRows(arrays, seed, family)
@@ -158,6 +168,7 @@ def train_torch(
     opt = make_optimizer(module.parameters(), optimizer, lr, momentum, weight_decay)
     stepper = Stepper(opt, rt)
     budget = Budget(max_minutes, rt.clock)
+    ranks = Ranks(rt, module, loss_fn, seed, family)
     history: list[dict] = []
     best, best_state, bad, stopped = None, state_copy(module), 0, "epochs"
     for epoch in range(1, epochs + 1):
@@ -165,19 +176,20 @@ def train_torch(
         module.train()
         total = torch.zeros((), dtype=torch.float64, device=device)
         seen, cut = 0, False
-        for k, batch in enumerate(rows.epoch(epoch, batch_size)):
+        for k, (batch, weight) in enumerate(ranks.batches(rows, epoch, batch_size)):
             n = len(batch[0])
             batch = to_device(prepare(batch) if prepare else batch, device)
             with stepper.autocast():
-                loss = loss_fn(module, batch)
+                loss = ranks.loss(batch)
             if device.type == "cpu" or k % CHECK_EVERY == 0:
                 _check_finite(loss, family, epoch, lr)
-            stepper.step(loss)
+            stepper.step(loss if weight == 1.0 else loss * weight)
             total += loss.detach().double() * n
             seen += n
-            if budget.expired():
+            if ranks.budget_out(budget, k):
                 cut = True
                 break
+        total, seen = ranks.summed(total, seen)
         _check_finite(total, family, epoch, lr)
         if cut and best is not None:
             kept = history[_best_index(history, higher_is_better)]["epoch"]
@@ -186,7 +198,7 @@ def train_torch(
             break
         module.eval()
         with torch.no_grad():
-            metric = float(evaluate(module))
+            metric = ranks.metric(evaluate)
         seconds = time.perf_counter() - start
         row = history_row(epoch, total.item() / seen, metric, metric_name, seen, seconds)
         history.append(row)
@@ -200,7 +212,7 @@ def train_torch(
                 log(f"[{family}] early stop: no better valid_{metric_name} for {patience} epochs")
                 stopped = "early_stop"
                 break
-        if budget.expired():
+        if ranks.budget_out(budget):
             note = " (cut short: its weights so far were validated)" if cut else ""
             log(f"[{family}] time budget of {max_minutes} min ran out after epoch {epoch}{note}")
             stopped = "budget"
@@ -209,7 +221,7 @@ def train_torch(
     module.load_state_dict(best_state)
     module.eval()
     log(f"[{family}] best valid_{metric_name} {best:.4f}")
-    record_loop(loop_report(family, history, higher_is_better, stopped, budget, rt))
+    record_loop({**loop_report(family, history, higher_is_better, stopped, budget, rt), **ranks.report()})
     return history
 
 
