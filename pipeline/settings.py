@@ -23,6 +23,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_DEVICE`` | ``auto`` | torch training: ``auto`` (CUDA if present) \\| ``cpu`` \\| ``cuda[:N]`` |
 | ``RECSYS_TORCH_THREADS`` | 1 | CPU threads of torch training (BENCHMARKS.md, "Training threads") |
 | ``RECSYS_STREAM_BUFFER_ROWS`` | 262144 | rows the streaming loader shuffles together (memory ~ this) |
+| ``RECSYS_TRAIN_PROCS`` | 1 | processes per gradient-trained fit; > 1: DDP under ``torchrun`` |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 | ``RECSYS_WAREHOUSE`` | ``duckdb`` | where dbt builds: ``duckdb`` \| ``spark`` (warehouse_spark.py) |
 | ``RECSYS_SPARK_MASTER`` / ``_DRIVER_MEMORY`` | ``local[2]`` / ``2g`` | the dbt profile's spark target |
@@ -167,6 +168,9 @@ class Settings:
     device: str = "auto"
     torch_threads: int = 1
     stream_buffer_rows: int = DEFAULT_STREAM_BUFFER_ROWS
+    # 1: train in the step's own process (as always); N > 1: a torchrun group of N DDP processes
+    # (pipeline/torchrun.py), for the gradient-trained families only
+    train_procs: int = 1
     families: tuple[str, ...] = ()  # empty = every registered family
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_unpack_bytes: int = DEFAULT_MAX_UNPACK_BYTES
@@ -270,6 +274,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         device=device_choice(env.get("RECSYS_DEVICE")),
         torch_threads=_env_int(env, "RECSYS_TORCH_THREADS", 1, 1),
         stream_buffer_rows=_env_int(env, "RECSYS_STREAM_BUFFER_ROWS", DEFAULT_STREAM_BUFFER_ROWS, 1),
+        train_procs=_env_int(env, "RECSYS_TRAIN_PROCS", 1, 1),
         families=tuple(f.strip() for f in (env.get("RECSYS_FAMILIES") or "").split(",") if f.strip()),
         max_line_bytes=_env_int(env, "RECSYS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES, 64),
         max_unpack_bytes=_env_int(env, "RECSYS_MAX_UNPACK_BYTES", DEFAULT_MAX_UNPACK_BYTES, 1),

@@ -24,9 +24,10 @@ from export.registry import Blessing, Promotion, bless, promote_blessed
 from models.base import CONFIG_FILE, WEIGHTS_FILE
 from models.catalogue import Family, load_model
 from models.config import parse_config
-from models.data import Snapshot
-from models.runtime import Runtime, resolve_device, use_runtime
+from models.runtime import Runtime, resolve_device
+from pipeline import torchrun
 from pipeline.family_config import family_configs
+from pipeline.fitting import fit_family, gradient_trained
 from pipeline.reuse import (
     StepCache,
     code_digest,
@@ -36,7 +37,7 @@ from pipeline.reuse import (
     reuse_key,
     snapshot_key,
 )
-from pipeline.settings import Settings, device_choice
+from pipeline.settings import Settings, SettingsError, device_choice
 
 ONNX_FILES = ("model.onnx", "signature.json", "lineage.json")
 
@@ -140,41 +141,54 @@ class Trained:
     training: dict = field(default_factory=dict)  # device, threads, budget_hit, epochs (training_summary)
 
 
-def training_runtime(settings: Settings, device: str | None = None) -> Runtime:
+def training_runtime(settings: Settings, device: str | None = None, procs: int = 1) -> Runtime:
     """Where a family trains: the run config's ``device`` or ``RECSYS_DEVICE`` resolved against
     torch (``cuda`` without CUDA fails, naming which one asked), ``RECSYS_TORCH_THREADS`` CPU
-    threads, streamed rows shuffled ``RECSYS_STREAM_BUFFER_ROWS`` at a time. One process: rank 0
-    of 1 (a torchrun launcher would set both)."""
+    threads, streamed rows shuffled ``RECSYS_STREAM_BUFFER_ROWS`` at a time, on ``procs``
+    processes (rank 0 of them here: the torchrun workers take their own ranks)."""
     name = "run config device" if device else "RECSYS_DEVICE"
     choice = device_choice(device, name) if device else settings.device
-    return Runtime(device=str(resolve_device(choice, name)), threads=settings.torch_threads,
-                   buffer_rows=settings.stream_buffer_rows)  # fmt: skip
+    runtime = Runtime(device=str(resolve_device(choice, name)), threads=settings.torch_threads,
+                      buffer_rows=settings.stream_buffer_rows, world_size=procs)  # fmt: skip
+    torchrun.check_devices(runtime)
+    return runtime
 
 
-def training_summary(runtime: Runtime, loops: list[dict]) -> dict:
-    """The model's ``meta["training"]``: the runtime, whether a time budget cut training short,
-    and the epochs each training loop validated (neumf runs three)."""
-    return {**runtime.describe(), "budget_hit": any(loop["budget_hit"] for loop in loops),
-            "epochs": sum(loop["epochs"] for loop in loops), "loops": loops}  # fmt: skip
+def training_procs(family: Family, settings: Settings, procs: int | None, log) -> int:
+    """The run config's ``procs`` or ``RECSYS_TRAIN_PROCS``; 1 for a family not trained by
+    gradient (kNN, WALS), which DDP cannot spread."""
+    if procs is not None and procs < 1:
+        raise SettingsError(f"run config procs={procs} is below 1; set 1 (one process) or more.")
+    n = procs or settings.train_procs
+    if n > 1 and not gradient_trained(family):
+        log.info(f"{family.name} is not trained by gradient steps: it fits in one process, not {n}")
+        return 1
+    return n
 
 
-def _fit(family: Family, snapshot: str, config, log, runtime: Runtime, *upstream):
-    """``family.fit`` inside ``runtime``; the training summary goes into the model's meta."""
-    with use_runtime(runtime) as loops:
-        model = family.fit(Snapshot(snapshot), config, log.info, *upstream)
-    model.meta["training"] = training_summary(runtime, loops)
-    return model
+def _saved(out: Path, reuse: Reuse, seconds: float) -> Trained:
+    """The ``Trained`` of a model folder on disk (a reused checkpoint, or one a torchrun group saved)."""
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    meta = saved.get("meta") or {}
+    return Trained(out, reuse, seconds, saved.get("history") or [], saved.get("config") or {},
+                   meta.get("upstream_models") or {}, meta.get("training") or {})  # fmt: skip
 
 
 def train(
     family: Family, snapshot: str, settings: Settings, run_id: str, log, code_version: str,
-    upstream_dirs: Mapping[str, str] | None = None, device: str | None = None,
+    upstream_dirs: Mapping[str, str] | None = None, device: str | None = None, procs: int | None = None,
 ) -> Trained:  # fmt: skip
     """Fit ``family`` on the snapshot, or reuse the checkpoint of an earlier run with the same key.
 
+    With ``procs`` (or RECSYS_TRAIN_PROCS) N > 1 a gradient-trained family trains in a torchrun
+    group of N DDP processes (``pipeline.torchrun``), whose rank 0 saves the model where this
+    process would; the step's log gets the group's output.
+
     Raises:
         ValueError: the model config for this family is unreadable or has unknown fields.
-        DeviceUnavailable: ``device`` (or RECSYS_DEVICE) is ``cuda`` and torch sees no CUDA device.
+        DeviceUnavailable: ``device`` (or RECSYS_DEVICE) is ``cuda`` and torch sees no CUDA device
+            (or fewer GPUs than processes).
+        TrainingProcessFailed: a rank of the torchrun group failed; the message names it and its error.
     """
     upstream_dirs = dict(upstream_dirs or {})
     with in_use(settings, family.name, snapshot, *upstream_dirs.values()):
@@ -182,30 +196,32 @@ def train(
         parts = model_key_parts(
             family.name, code_version, jsonable(config), snapshot_key(snapshot), upstream_dirs
         )
-        runtime = training_runtime(settings, device)
-        parts["runtime"] = runtime.key()  # CPU and CUDA weights differ
+        runtime = training_runtime(settings, device, training_procs(family, settings, procs, log))
+        parts["runtime"] = runtime.key()  # CPU and CUDA weights differ, and so do 1 and N processes
         key = reuse_key("model", parts)
         cache = StepCache(settings.artifacts_dir, family.name, "model", (WEIGHTS_FILE, CONFIG_FILE))
         hit = cache.lookup(key, log)
         reuse = Reuse(key, hit)
         if hit is not None:
-            out = Path(hit["path"])
-            saved = json.loads((out / CONFIG_FILE).read_text())
             log.info(reuse.note("checkpoint"))
-            meta = saved.get("meta") or {}
-            return Trained(out, reuse, hit.get("fit_seconds", 0.0), saved.get("history") or [],
-                           saved.get("config") or {}, meta.get("upstream_models") or {},
-                           meta.get("training") or {})  # fmt: skip
+            return _saved(Path(hit["path"]), reuse, hit.get("fit_seconds", 0.0))
         start = time.perf_counter()
+        out = settings.artifacts_dir / family.name / run_id / "model"
+        if runtime.world_size > 1:
+            job = torchrun.Job(family.name, snapshot, jsonable(config), str(out), runtime.torch_device.type,
+                               runtime.threads, runtime.buffer_rows, runtime.world_size)  # fmt: skip
+            torchrun.launch(job, out.parent / "torchrun", log)
+            seconds = round(time.perf_counter() - start, 2)
+            cache.record(key, out, run_id, {"fit_seconds": seconds})
+            return _saved(out, reuse, seconds)
         if family.upstream:
             upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
-            model = _fit(family, snapshot, config, log, runtime, upstream)
+            model = fit_family(family, snapshot, config, log.info, runtime, upstream)
             # saved in config.json's meta, read back by the export step into lineage.json
             model.meta["upstream_models"] = upstream.used()
         else:
-            model = _fit(family, snapshot, config, log, runtime)
+            model = fit_family(family, snapshot, config, log.info, runtime)
         seconds = round(time.perf_counter() - start, 2)
-        out = settings.artifacts_dir / family.name / run_id / "model"
         model.save(out)
         cache.record(key, out, run_id, {"fit_seconds": seconds})
         return Trained(out, reuse, seconds, model.history, jsonable(model.config),

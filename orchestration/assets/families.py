@@ -87,9 +87,11 @@ def _refuse_stale_upstream(context: dg.AssetExecutionContext, family: Family, sn
 
 class TrainingRunConfig(dg.Config):
     """Per-run override of where the torch families train (``auto``, ``cpu``, ``cuda``,
-    ``cuda:N``); empty means RECSYS_DEVICE."""
+    ``cuda:N``; empty means RECSYS_DEVICE) and on how many torchrun processes (0 means
+    RECSYS_TRAIN_PROCS; N > 1 trains a gradient-trained family with DDP)."""
 
     device: str = ""
+    procs: int = 0
 
 
 def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
@@ -115,7 +117,8 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
             "training curve, config, fit time. On unchanged snapshot, config and code the earlier "
             "checkpoint is reused instead of retrained (`reused: true`, `reuse` says from which run). "
             "`training`: device, threads, rows streamed or in memory, `budget_hit` (the config's "
-            "`max_minutes` ran out); run config `device` overrides RECSYS_DEVICE."
+            "`max_minutes` ran out); run config `device` overrides RECSYS_DEVICE, `procs` (DDP processes "
+            "under torchrun, whose output streams into this step's log) RECSYS_TRAIN_PROCS."
             + (upstream_note if family.upstream else "")
         ),
     )
@@ -127,7 +130,7 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
             _refuse_stale_upstream(context, family, snapshot)
         try:
             result = steps.train(family, snapshot, settings, context.run_id, context.log, version,
-                                 upstream_dirs, config.device or None)  # fmt: skip
+                                 upstream_dirs, config.device or None, config.procs or None)  # fmt: skip
         except (TypeError, ValueError) as exc:  # config errors name the field and the allowed ones
             raise dg.Failure(f"model config for {name}: {exc}") from exc
         upstream = (
