@@ -216,6 +216,50 @@ def _validate(model: onnx.ModelProto, spec: ExportSpecLike, path: Path) -> None:
                     )
 
 
+def _constant_slopes_to_leaky_relu(model: onnx.ModelProto) -> int:
+    """Rewrite ``PRelu(x, slope)`` whose slope is one constant number as ``LeakyRelu(x, alpha)``.
+
+    A trained ``nn.PReLU()`` (one slope) is a LeakyReLU once frozen, and both compute
+    ``x < 0 ? slope * x : x`` with the same float32 multiply, so the scores do not change.
+    onnxruntime runs PRelu through its generic broadcasting kernel (DIN's activation unit spent
+    more time there than in the Gemm before it), but runs LeakyRelu vectorised and fuses it into
+    the preceding Gemm. Returns the number of nodes rewritten.
+    """
+    from onnx import numpy_helper
+
+    constants = {init.name: init for init in model.graph.initializer}
+    slopes: set[str] = set()
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx"):
+            continue
+        slope = constants.get(node.input[1])
+        if slope is None or slope.data_type != onnx.TensorProto.FLOAT or int(np.prod(slope.dims)) != 1:
+            continue
+        alpha = float(numpy_helper.to_array(slope).reshape(()))
+        node.CopyFrom(onnx.helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name,
+                                            alpha=alpha))  # fmt: skip
+        slopes.add(slope.name)
+        rewritten += 1
+    # Drop the slopes nothing reads any more (onnxruntime warns about each unused initializer).
+    used = {name for node in _all_nodes(model.graph) for name in node.input}
+    unused = slopes - used - {o.name for o in model.graph.output}
+    if unused:
+        keep = [init for init in model.graph.initializer if init.name not in unused]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return rewritten
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of the subgraphs its If/Loop/Scan nodes hold."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
 def export_onnx(
     scorer: torch.nn.Module,
     spec: ExportSpecLike,
@@ -246,6 +290,8 @@ def export_onnx(
                 f"torch.onnx.export ({exporter}) failed for {type(scorer).__name__} -> {path}: {e}"
             ) from e
         model = onnx.load(str(tmp), load_external_data=False)
+        if _constant_slopes_to_leaky_relu(model):
+            onnx.save(model, str(tmp))
         _validate(model, spec, path)
         onnx.checker.check_model(model, full_check=True)
         os.replace(tmp, path)

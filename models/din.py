@@ -127,7 +127,12 @@ class LocalActivationUnit(nn.Module):
         return torch.cat([h, t, h - t, h * t], dim=-1)
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = self.mlp(self.activation_inputs(h, t)).squeeze(-1)  # [B, L]
+        # The unit's MLP runs on [B * L, 4d] rows, not [B, L, 4d]: torch's Linear folds the
+        # leading axes itself (same kernel, same numbers), but in ONNX a 3-D input becomes
+        # MatMul + Add, while 2-D rows become one Gemm that onnxruntime fuses with its bias
+        # and activation (one pass over the B x L x hidden activations instead of three).
+        x = self.activation_inputs(h, t)
+        scores = self.mlp(x.flatten(0, 1)).view_as(mask)  # [B, L]
         if self.softmax:
             scores = torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1)
         return scores * mask.to(scores.dtype)
