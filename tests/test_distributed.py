@@ -7,7 +7,9 @@ and DDP averages the two gradients. The update is then the 1-process update of b
 float summation order: after every step of an epoch (DeepFM, no dropout and no unknown-id
 masking, the only randomness a rank draws for itself) every weight is within ``TOLERANCE`` of
 the 1-process run's, on the in-memory and the streamed rows alike. After one step the two
-ranks' weights are equal bit for bit (the all-reduce hands both the same averaged gradient).
+ranks' weights are equal bit for bit (the all-reduce hands both the same averaged gradient). The
+time budget is rank 0's: with a clock that moves on rank 0 only, both ranks stop after the same
+epoch with the same weights.
 
 Run as a script under torchrun, this file is the worker of those checks (``_probe``).
 """
@@ -69,12 +71,31 @@ def _torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+class Ticks:
+    """A clock that moves ``step`` seconds every time it is read."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+# The budget case: 2.5 s of a clock that only rank 0's moves (1 s a read: at the start, then after
+# each epoch, as 14 steps an epoch never reach models.distributed.BUDGET_EVERY).
+BUDGET = replace(_config(101), epochs=10, patience=10, max_minutes=2.5 / 60)
+
+
 def _probe(snapshot: Path, out: Path) -> None:
     """One torchrun rank: fit DeepFM for every case and save this rank's weights."""
     rt = distributed.start("cpu", 1, Runtime().buffer_rows)
     try:
-        for name, (stream, batch) in CASES.items():
-            model, loops = _fit(snapshot, replace(rt, stream=stream), batch)
+        fits = {name: (replace(rt, stream=stream), _config(batch)) for name, (stream, batch) in CASES.items()}
+        fits["budget"] = (replace(rt, clock=Ticks(1.0 if rt.rank == 0 else 0.0)), BUDGET)
+        for name, (runtime, config) in fits.items():
+            with use_runtime(runtime) as loops:
+                model = deepfm.fit(Snapshot(snapshot), config, lambda _: None)
             torch.save({"state": model.module.state_dict(), "history": model.history, "loops": loops},
                        out / f"{name}-rank{rt.rank}.pt")  # fmt: skip
     finally:
@@ -116,6 +137,15 @@ def test_two_processes_with_global_batch_b_match_one_process_with_batch_b(probed
         assert worst <= TOLERANCE, f"{name}: 2 processes differ from 1 by {worst:.3g} > {TOLERANCE}"
         loops = _saved(out, name, 0)["loops"]
         assert loops[0]["world_size"] == 2 and loops[0]["cut"] == "global batches", loops
+
+
+def test_rank_0s_clock_decides_the_time_budget_for_every_rank(probed):
+    _, out = probed
+    ranks = [_saved(out, "budget", r) for r in (0, 1)]
+    # rank 1's clock never moves: alone it would train all 10 epochs and hang rank 0's all-reduce
+    assert [len(r["history"]) for r in ranks] == [3, 3]
+    assert all(r["loops"][0]["budget_hit"] and r["loops"][0]["stopped"] == "budget" for r in ranks)
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
 
 
 # --- the row cut, in one process per rank's view (no collectives needed) -----------------------------
