@@ -214,14 +214,14 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-def test_two_processes_through_the_dagster_assets_pass_parity_and_blessing(tmp_path, home, dagster_home):
+def test_two_processes_through_the_dagster_assets_pass_parity_and_blessing(tmp_path, home, dagster_home,
+                                                                        monkeypatch):  # fmt: skip
     import dagster as dg
 
     from orchestration.assets.evaluation import baseline_metrics
     from orchestration.assets.families import build_family_assets
     from orchestration.assets.snapshot import training_snapshot
     from pipeline import steps
-    from pipeline.reuse import source_version
     from pipeline.settings import load_settings
 
     snapshot = write_signal_snapshot(tmp_path / "data")  # 12 row groups: each rank reads its own
@@ -244,13 +244,15 @@ def test_two_processes_through_the_dagster_assets_pass_parity_and_blessing(tmp_p
     lines = [e.user_message for e in instance.all_logs(run.run_id) if e.step_key == "model_deepfm"]
     assert any(line.startswith("[default0]:[deepfm] epoch   1") for line in lines), lines
     assert any(line.startswith("[default1]:[deepfm] rank 1 of 2 on cpu (gloo)") for line in lines), lines
-    # the number of processes is part of the reuse key: the same 2-process model is reused, a
-    # 1-process run would be another model
-    settings = load_settings()
-    version = source_version(FAMILIES["deepfm"].fit)  # the asset's code version
-    again = steps.train(FAMILIES["deepfm"], str(snapshot), settings, "again", LOG, version)
-    assert again.reuse.reused and again.reuse.key == model["reuse_key"].value
-    keys = [steps.training_runtime(settings, procs=n).key() for n in (1, 2)]
+    # the number of processes is part of the reuse key: run config procs=2 (the setting unset)
+    # reuses the same 2-process model; a 1-process run would be another model
+    monkeypatch.delenv("RECSYS_TRAIN_PROCS")
+    procs = {"ops": {"model_deepfm": {"config": {"procs": 2}}}}
+    model_only = [stub_snapshot, build_family_assets("deepfm")[0]]
+    again = dg.materialize(model_only, instance=instance, run_config=procs)
+    reused = again.asset_materializations_for_node("model_deepfm")[0].metadata
+    assert reused["reused"].value and reused["reuse_key"].value == model["reuse_key"].value
+    keys = [steps.training_runtime(load_settings(), procs=n).key() for n in (1, 2)]
     assert keys[0] != keys[1] and keys[0] == Runtime().key()
 
 
