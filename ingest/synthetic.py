@@ -76,14 +76,22 @@ as one big block (only the split into part files differs).
 
 Scale
 -----
-Users are generated in blocks of ``max(1, max_block_cells // n_items)`` users; a block holds a
-float32 taste matrix and a bool seen-matrix (5 bytes per cell) and is written as one parquet part,
-so memory is bounded by ``max_block_cells``, not by ``n_events``. Inside a block the work is
-vectorised over users, looping over event positions.
+The cost follows the events, not users x items. Users are taken heaviest first and cut into
+blocks of at most ``max_block_events`` events and ``MAX_BLOCK_USERS`` users; each block is
+written as one parquet part (sorted by user, then time), and the blocks are independent, so
+worker processes generate them side by side. Inside a block the work is vectorised over users,
+looping over event positions: the heavy users share the first block, so only it loops long.
+A block keeps dense ``users x head`` taste and seen tables for the most popular items (as many
+as pay for themselves: those draw most candidates, see :mod:`ingest.synthetic_cells`), computes
+the other cells' taste where it needs them and keeps them in a hash set. A small catalogue is
+all head. None of this changes a row: the choice is the same argmax over the same numbers.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +99,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ingest.synthetic_cells import MAX_BLOCK_USERS
 from ingest.synthetic_config import (
     AGE_CODES,
     GENDERS,
@@ -128,14 +137,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SyntheticOutput:
-    interactions: list[Path]  # parquet part files, one per user block, in user-id order
+    interactions: list[Path]  # parquet part files, one per block of users (heaviest first)
     users: Path
     items: Path
     n_events: int  # rows actually written (always config.n_events)
 
 
-def generate(config: SyntheticConfig, out_dir: Path) -> SyntheticOutput:
-    """Write ``users.parquet``, ``items.parquet`` and ``interactions/part-NNNNN.parquet``."""
+def generate(config: SyntheticConfig, out_dir: Path, workers: int | None = None) -> SyntheticOutput:
+    """Write ``users.parquet``, ``items.parquet`` and ``interactions/part-NNNNN.parquet``.
+
+    Blocks are independent (*Determinism*), so up to ``workers`` processes (default: the cores
+    this process may use) generate them side by side; the files are the same for any number.
+    """
     out_dir = Path(out_dir)
     parts_dir = out_dir / "interactions"
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -148,17 +161,53 @@ def generate(config: SyntheticConfig, out_dir: Path) -> SyntheticOutput:
     items_path = out_dir / "items.parquet"
     pq.write_table(_items_table(planted), items_path)
 
+    blocks = _blocks(planted.user_events, config.max_block_events)
+    parts = [parts_dir / f"part-{block:05d}.parquet" for block in range(len(blocks))]
     sampler = _CandidateSampler(planted.item_popularity)
-    parts: list[Path] = []
-    written = 0
-    step = config.users_per_block
-    for block, lo in enumerate(range(0, config.n_users, step)):
-        table = _generate_block(config, planted, sampler, lo, min(lo + step, config.n_users))
-        path = parts_dir / f"part-{block:05d}.parquet"
-        pq.write_table(table, path)
-        parts.append(path)
-        written += table.num_rows
+    workers = min(len(blocks), workers or len(os.sched_getaffinity(0)))
+    if workers <= 1:
+        written = sum(
+            _write_block(config, planted, sampler, b, p) for b, p in zip(blocks, parts, strict=True)
+        )
+    else:  # spawn: a fork of a threaded parent (a Dagster step) can inherit a held lock
+        context = multiprocessing.get_context("spawn")
+        init = (config, planted, sampler)
+        with ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=init) as pool:
+            written = sum(pool.map(_write_block_in_worker, blocks, parts))  # heaviest block first
     return SyntheticOutput(interactions=parts, users=users_path, items=items_path, n_events=written)
+
+
+def _write_block(
+    config: SyntheticConfig, planted: Planted, sampler: _CandidateSampler, users: np.ndarray, path: Path
+) -> int:
+    table = _generate_block(config, planted, sampler, users)
+    pq.write_table(table, path)
+    return table.num_rows
+
+
+_WORKER: tuple[SyntheticConfig, Planted, _CandidateSampler] | None = None
+
+
+def _start_worker(config: SyntheticConfig, planted: Planted, sampler: _CandidateSampler) -> None:
+    global _WORKER
+    _WORKER = (config, planted, sampler)
+
+
+def _write_block_in_worker(users: np.ndarray, path: Path) -> int:
+    assert _WORKER is not None, "_start_worker runs first in every worker"
+    return _write_block(*_WORKER, users, path)
+
+
+def _blocks(user_events: np.ndarray, max_block_events: int) -> list[np.ndarray]:
+    """The users of each block, ascending. Users are taken heaviest first (stable by id), a block
+    closing after ``max_block_events`` events or ``MAX_BLOCK_USERS`` users (its first user's
+    window of either), so the few heavy users share one block: the position loop of a block
+    runs as long as its heaviest user, and the light blocks finish in a few hundred steps."""
+    order = np.argsort(-user_events, kind="stable")
+    first = np.cumsum(user_events[order]) - user_events[order]
+    window = np.maximum(first // max_block_events, np.arange(len(order)) // MAX_BLOCK_USERS)
+    starts = np.flatnonzero(np.diff(window)) + 1
+    return [np.sort(users) for users in np.split(order, starts)]
 
 
 def _users_table(p: Planted) -> pa.Table:

@@ -141,9 +141,10 @@ class SyntheticConfig:
     # Rating bonus of a followed item: +1 point moves a "3" to a "4", so rating >= 4 is far more
     # likely after a related item, which only a model that sees the history can predict.
     successor_bonus: float = 1.0
-    # Cells (users x items) per block: 2**24 cells cost ~84 MB (float32 taste + bool seen) and
-    # give blocks big enough that the per-position Python loop is amortised.
-    max_block_cells: int = 2**24
+    # Events per block (a block is the users whose first event falls in one window of this many
+    # events). Memory follows it, ~150 bytes an event plus a dense users x 2,048 taste table
+    # (~0.5 GB in all at 2**21), and big blocks amortise the per-position Python loop.
+    max_block_events: int = 2**21
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:
@@ -160,7 +161,7 @@ class SyntheticConfig:
 
         for name in (
             "n_users", "n_items", "n_events", "seed", "latent_dim", "min_user_events",
-            "n_candidates", "successors_per_item", "successor_window", "max_block_cells",
+            "n_candidates", "successors_per_item", "successor_window", "max_block_events",
         ):  # fmt: skip
             need(is_int(name), name, "an integer")
         for name in (
@@ -197,12 +198,8 @@ class SyntheticConfig:
         need(0 <= self.successor_prob <= 1, "successor_prob", "in [0, 1]")
         need(self.successor_window >= 1, "successor_window", ">= 1")
         need(self.successor_bonus >= 0, "successor_bonus", ">= 0")
-        need(self.max_block_cells >= 1, "max_block_cells", ">= 1")
+        need(self.max_block_events >= 1, "max_block_events", ">= 1")
 
     @property
     def max_user_events(self) -> int:
         return math.floor(self.max_user_item_share * self.n_items)
-
-    @property
-    def users_per_block(self) -> int:
-        return max(1, self.max_block_cells // self.n_items)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ingest.synthetic_cells import BlockCells
 from ingest.synthetic_config import (
     CHOICE_WEIGHT,
     IN_SESSION_MAX_GAP_S,
@@ -37,13 +38,15 @@ from ingest.synthetic_planted import Planted
 
 # --- one block of users ---------------------------------------------------------------------
 
+# Candidates checked one at a time, best score first, before checking the whole row.
+_SINGLE_CHECKS = 2
+
 
 def _generate_block(
-    c: SyntheticConfig, planted: Planted, sampler: _CandidateSampler, lo: int, hi: int
+    c: SyntheticConfig, planted: Planted, sampler: _CandidateSampler, users: np.ndarray
 ) -> pa.Table:
-    """Events of users ``lo..hi-1`` (indices), sorted by user then time."""
+    """Events of the users with (ascending) indices ``users``, sorted by user then time."""
     n_items = c.n_items
-    users = np.arange(lo, hi)
     counts = planted.user_events[users]
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     # Work in order of decreasing count so the users still active at position p are a prefix.
@@ -53,9 +56,7 @@ def _generate_block(
     max_count = int(counts.max())
     n_active = np.searchsorted(-counts[order], -np.arange(max_count), side="left")
 
-    taste = planted.taste(sorted_users)  # rows in sorted order
-    taste_flat = taste.reshape(-1)
-    seen = np.zeros(len(users) * n_items, dtype=bool)
+    cells = BlockCells(planted, sorted_users, int(counts.sum()), c.n_candidates)  # rows in sorted order
     history = np.full((len(users), c.successor_window), -1, dtype=np.int64)  # ring buffer
     items = np.empty(int(counts.sum()), dtype=np.int64)
     user_ids = sorted_users + 1
@@ -71,7 +72,6 @@ def _generate_block(
     for pos in range(max_count):
         n = int(n_active[pos])
         rows = np.arange(n)
-        row_base = rows * n_items
         h = _mix(choice_keys[:n] ^ np.uint64(pos))
         chosen = np.full(n, -1, dtype=np.int64)
 
@@ -80,10 +80,10 @@ def _generate_block(
             follow = rows[(h >> np.uint64(40)) < follow_threshold]
             recent = history[follow]
             cand = planted.successors[recent].reshape(len(follow), n_follow)
-            flat = row_base[follow, None] + cand
-            valid = np.repeat(recent >= 0, c.successors_per_item, axis=1) & ~seen[flat]
+            valid = np.repeat(recent >= 0, c.successors_per_item, axis=1)
+            valid &= ~cells.seen(follow, cand)
             hs = _mix(_mix(successor_keys[follow] ^ np.uint64(pos))[:, None] ^ follow_slots)
-            score = weight * taste_flat[flat] + _gumbel(_bits(hs, 0, 23))
+            score = weight * cells.taste(follow, cand) + _gumbel(_bits(hs, 0, 23))
             score[~valid] = -np.inf
             best = score.argmax(axis=1)
             ok = valid.any(axis=1)
@@ -93,21 +93,20 @@ def _generate_block(
         undrawn = np.flatnonzero(chosen < 0)
         if undrawn.size:
             cand, noise = sampler.draw(_mix(h[undrawn, None] ^ slots))
-            flat = row_base[undrawn, None] + cand
-            score = weight * taste_flat[flat] + sampler.log_ratio[cand] + noise
-            score[seen[flat]] = -np.inf
-            best = score.argmax(axis=1)
+            score = weight * cells.taste(undrawn, cand) + sampler.log_ratio[cand] + noise
+            best = _best_unseen(score, cand, undrawn, cells)
             chosen[undrawn] = cand[np.arange(undrawn.size), best]
             stuck = undrawn[np.isneginf(score[np.arange(undrawn.size), best])]
             if stuck.size:  # every candidate already seen: exact draw over the unseen items
                 hf = _mix(
                     _mix(fallback_keys[stuck] ^ np.uint64(pos))[:, None] ^ np.arange(n_items, dtype=np.uint64)
                 )
-                full = weight * taste[stuck] + sampler.log_pop + _gumbel(_bits(hf, 0, 23))
-                full[seen.reshape(len(users), n_items)[stuck]] = -np.inf
+                full = weight * cells.taste_rows(stuck) + sampler.log_pop + _gumbel(_bits(hf, 0, 23))
+                earlier = items[sorted_offsets[stuck, None] + np.arange(pos)]
+                full[np.arange(stuck.size)[:, None], earlier] = -np.inf
                 chosen[stuck] = full.argmax(axis=1)
 
-        seen[row_base + chosen] = True
+        cells.add(rows, chosen)
         history[:n, pos % c.successor_window] = chosen
         items[sorted_offsets[:n] + pos] = chosen
 
@@ -117,7 +116,7 @@ def _generate_block(
     user_index = users[local]
     sorted_row = np.empty(len(users), dtype=np.int64)
     sorted_row[order] = np.arange(len(users))
-    event_taste = taste_flat[sorted_row[local] * n_items + items].astype(np.float64)
+    event_taste = cells.taste(sorted_row[local], items).astype(np.float64)
 
     follows = np.zeros(len(items), dtype=bool)
     for lag in range(1, c.successor_window + 1):
@@ -184,3 +183,24 @@ def _timestamps(
     room = np.maximum(0, YEAR_SECONDS - 1 - span)
     start = np.floor(planted.user_start_u[users] * room).astype(np.int64)
     return YEAR_START + start[local] + elapsed
+
+
+def _best_unseen(score: np.ndarray, cand: np.ndarray, rows: np.ndarray, cells: BlockCells) -> np.ndarray:
+    """Per row, the index of the best-scoring candidate not seen yet: ``argmax`` of ``score``
+    with seen candidates set to ``-inf`` (in place), so ties and an all-seen row (index 0, score
+    ``-inf``) come out exactly as one masked ``argmax`` would give them. The best candidate is
+    mostly unseen, so most rows need one lookup instead of ``n_candidates``."""
+    best = score.argmax(axis=1)
+    pending = np.arange(len(score))
+    for _ in range(_SINGLE_CHECKS):
+        repeat = cells.seen(rows[pending], cand[pending, best[pending]])
+        pending = pending[repeat]
+        if not pending.size:
+            return best
+        score[pending, best[pending]] = -np.inf
+        best[pending] = score[pending].argmax(axis=1)
+    rest = score[pending]
+    rest[cells.seen(rows[pending], cand[pending])] = -np.inf
+    score[pending] = rest
+    best[pending] = rest.argmax(axis=1)
+    return best
