@@ -174,13 +174,22 @@ def fit_ours(name: str, snapshot: Path, threads: int | None, log=lambda _msg: No
 
 
 class TorchScorer:
-    """A fitted model's torch scorer behind ``OrtScorer.run``'s interface (``--eval torch``)."""
+    """A fitted model's torch scorer behind ``OrtScorer``'s interface (``--eval torch``)."""
+
+    batch_size = 4096  # rows per call at most, as OrtScorer's default
 
     def __init__(self, model):
         spec = model.export_spec()
         self.inputs = [t.name for t in spec.inputs]
         self.output = spec.outputs[0].name
         self.model = model
+
+    def bytes_per_row(self, *per_axes: str) -> int:
+        """A bound of what one row of a call holds, for the evaluator's chunking: the scores
+        and their temporaries for a top-K scorer, the k x history match for item_knn's."""
+        if self.model.task.value == "topk":
+            return 16 * int(self.model.meta["n_items"])
+        return 16 * int(self.model.meta.get("k", 1)) if "history" in per_axes else 64
 
     def run(self, **feeds) -> dict[str, np.ndarray]:
         with torch.no_grad():

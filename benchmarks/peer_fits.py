@@ -38,6 +38,13 @@ class ArrayScorer:
     inputs: tuple[str, ...]
     output: str
     fn: Callable[..., np.ndarray]
+    # What the evaluator sizes its calls by (OrtScorer reads it from the graph): bytes one row
+    # of a call holds, output and temporaries, and the most rows per call.
+    row_bytes: int = 64
+    batch_size: int = 4096
+
+    def bytes_per_row(self, *per_axes: str) -> int:
+        return self.row_bytes
 
     def run(self, **feeds) -> dict[str, np.ndarray]:
         return {self.output: np.asarray(self.fn(*(feeds[n] for n in self.inputs)), dtype=np.float32)}
@@ -132,7 +139,9 @@ def fit_implicit_als(snap: Snapshot, config, threads: int) -> PeerModel:
         model.fit(sp.csr_matrix(conf), show_progress=False)
     u, v = np.asarray(model.user_factors), np.asarray(model.item_factors)
     return PeerModel(
-        "implicit ALS", ArrayScorer(("user_idx",), "scores", lambda users: u[users] @ v.T), params
+        "implicit ALS",
+        ArrayScorer(("user_idx",), "scores", lambda users: u[users] @ v.T, 16 * v.shape[0]),
+        params,
     )
 
 
@@ -157,7 +166,9 @@ def fit_implicit_cosine(snap: Snapshot, config, threads: int) -> PeerModel:
         return (ones[users] @ sim).toarray()
 
     return PeerModel(
-        "implicit CosineRecommender (item-item)", ArrayScorer(("user_idx",), "scores", scores), params
+        "implicit CosineRecommender (item-item)",
+        ArrayScorer(("user_idx",), "scores", scores, 16 * sim.shape[0]),
+        params,
     )
 
 
