@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from common.metrics import evaluate_ctr, evaluate_rating, evaluate_topk, interaction_matrix
+from common.budget import DEFAULT_SCORE_MEMORY_BYTES, budget_bytes, row_chunks
+from common.metrics import evaluate_ctr, evaluate_rating, interaction_matrix
 from evaluation import baselines as B
+from evaluation.topk_chunks import evaluate_topk_chunked
 from models.data import Snapshot
 
 BATCH = 1024
@@ -53,13 +55,17 @@ def _histories(train: sp.csr_matrix, users: np.ndarray) -> tuple[np.ndarray, np.
     return items, ratings
 
 
-def _run_batched(scorer, names: list[str], build, n_rows: int, output: str, order=None) -> np.ndarray:
+def _run_batched(
+    scorer, names: list[str], build, n_rows: int, output: str, order=None, chunks=None
+) -> np.ndarray:
     """Score rows in batches; ``order`` (a permutation) groups rows into batches, results come
-    back in the original row order."""
+    back in the original row order. ``chunks``: the ``[lo, hi)`` ranges of ``order`` to score
+    per call (default: ``BATCH`` rows each)."""
     order = np.arange(n_rows) if order is None else order
+    chunks = chunks if chunks is not None else [(lo, lo + BATCH) for lo in range(0, n_rows, BATCH)]
     outs = []
-    for lo in range(0, n_rows, BATCH):
-        feeds = build(order[lo : lo + BATCH])
+    for lo, hi in chunks:
+        feeds = build(order[lo:hi])
         outs.append(scorer.run(**{n: feeds[n] for n in names})[output])
     result = np.empty_like(np.concatenate(outs)) if outs else np.zeros(0, np.float32)
     if outs:
@@ -85,7 +91,13 @@ def _rating_metrics(y: np.ndarray, pred: np.ndarray, warm: np.ndarray) -> dict[s
     return metrics
 
 
-def evaluate_rating_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
+def evaluate_rating_onnx(
+    scorer, signature: dict, snap: Snapshot, memory_bytes: int = DEFAULT_SCORE_MEMORY_BYTES
+) -> dict[str, float]:
+    """Rating metrics on the test rows. A scorer that takes the user's history (memory-based CF)
+    is called on batches of users with similar history lengths, each batch sized so that rows x
+    history x the graph's bytes per history slot (item-kNN: k neighbours x ~58 bytes) stays
+    within ``memory_bytes``; a single history over the budget is scored alone."""
     test, warm = _rating_rows(snap)
     names = _input_names(signature)
     train = snap.train_matrix("rating")
@@ -97,8 +109,13 @@ def evaluate_rating_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, f
         return feeds
 
     # Batches of users with similar history lengths: each batch is padded to its longest.
-    order = np.argsort(np.diff(train.indptr)[test.user_idx], kind="stable")
-    pred = _run_batched(scorer, names, build, len(test), signature["outputs"][0]["name"], order)
+    widths = np.diff(train.indptr)[test.user_idx]
+    order = np.argsort(widths, kind="stable")
+    chunks = None
+    if "hist_item_idx" in names:
+        per_slot = scorer.bytes_per_row("history")
+        chunks = list(row_chunks(widths[order], per_slot, memory_bytes, BATCH))
+    pred = _run_batched(scorer, names, build, len(test), signature["outputs"][0]["name"], order, chunks)
     return _rating_metrics(test.rating, pred.astype(np.float64), warm)
 
 
@@ -122,7 +139,12 @@ def _user_item_rows(train: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
     return (train[users].toarray() > 0).astype(np.float32)
 
 
-def evaluate_topk_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
+def evaluate_topk_onnx(
+    scorer, signature: dict, snap: Snapshot, memory_bytes: int = DEFAULT_SCORE_MEMORY_BYTES
+) -> dict[str, float]:
+    """Full-ranking top-K metrics of every test user against every item, scored in user chunks
+    of ``memory_bytes / 2`` over the graph's bytes per user and ranked in item chunks
+    (``evaluation.topk_chunks``): the same metrics as one block, for any catalogue size."""
     exclude, relevant, users, cold = _topk_setup(snap)
     output = signature["outputs"][0]["name"]
     # Item-vector scorers (cdae) also take user_items: each user batch's rows of the train
@@ -134,12 +156,15 @@ def evaluate_topk_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, flo
         feeds = {"user_idx": u, "user_items": _user_item_rows(exclude, u)} if with_items else {"user_idx": u}
         return scorer.run(**feeds)[output]
 
-    metrics = evaluate_topk(
+    metrics = evaluate_topk_chunked(
         score,
         exclude,
         relevant,
-        users=users,
-        batch_size=TOPK_USER_BATCH,
+        users,
+        bytes_per_user=scorer.bytes_per_row(),
+        memory_bytes=memory_bytes,
+        metric_batch=TOPK_USER_BATCH,
+        max_users_per_call=scorer.batch_size,
     )
     return metrics | cold
 
@@ -178,21 +203,32 @@ EVALUATORS = {"rating": evaluate_rating_onnx, "topk": evaluate_topk_onnx, "ctr":
               "multitask": evaluate_ctr_onnx}  # fmt: skip
 
 
-def evaluate_onnx(onnx_dir: Path, snapshot_dir: Path, task: str) -> dict[str, float]:
-    """Metrics of ``onnx_dir/model.onnx`` on the snapshot's test split (onnxruntime only)."""
+def evaluate_onnx(
+    onnx_dir: Path, snapshot_dir: Path, task: str, score_memory_mb: float | None = None
+) -> dict[str, float]:
+    """Metrics of ``onnx_dir/model.onnx`` on the snapshot's test split (onnxruntime only).
+
+    ``score_memory_mb`` (the pipeline's ``RECSYS_SCORE_MEMORY_MB``; default 256) bounds each
+    scoring call of the top-K and history scorers (``common.budget``)."""
     from export.runtime import OrtScorer
 
     signature = _signature(onnx_dir)
     scorer = OrtScorer(onnx_dir / "model.onnx")
     snap = Snapshot(snapshot_dir)
-    metrics = EVALUATORS[task](scorer, signature, snap)
+    memory = DEFAULT_SCORE_MEMORY_BYTES if score_memory_mb is None else budget_bytes(score_memory_mb)
+    evaluator = EVALUATORS[task]
+    metrics = evaluator(scorer, signature, snap, memory) if task in ("rating", "topk") else evaluator(
+        scorer, signature, snap
+    )
     return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- baselines
 
 
-def evaluate_baselines(snapshot_dir: Path, task: str, seed: int = 0) -> dict[str, dict[str, float]]:
+def evaluate_baselines(
+    snapshot_dir: Path, task: str, seed: int = 0, memory_bytes: int = DEFAULT_SCORE_MEMORY_BYTES
+) -> dict[str, dict[str, float]]:
     """``{"random": metrics, "popularity": metrics}`` on the rows ``evaluate_onnx`` uses."""
     snap = Snapshot(snapshot_dir)
     train = snap.ratings("train")
@@ -210,10 +246,12 @@ def evaluate_baselines(snapshot_dir: Path, task: str, seed: int = 0) -> dict[str
             "random": lambda u: B.topk_random(snap.n_items, np.asarray(u), seed),
             "popularity": lambda u: np.array(B.topk_popularity(train.item_idx, snap.n_items, np.asarray(u))),
         }
+        # the baselines score float32 rows over the whole catalogue, like a model
         out = {
-            name: evaluate_topk(fn, exclude, relevant, users=users, batch_size=TOPK_USER_BATCH) | cold
+            name: evaluate_topk_chunked(fn, exclude, relevant, users, bytes_per_user=4 * snap.n_items,
+                                        memory_bytes=memory_bytes, metric_batch=TOPK_USER_BATCH) | cold
             for name, fn in sources.items()
-        }
+        }  # fmt: skip
     elif task in ("ctr", "multitask"):
         test = snap.ctr("test", max_history=1)
         train_ctr = snap.ctr("train", max_history=1)

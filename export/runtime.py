@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
@@ -26,6 +27,51 @@ _ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(b
 
 class ModelFileError(RuntimeError):
     """A model file is missing, corrupt, or does not match its signature.json."""
+
+
+def _per_row_factor(dim: onnx.TensorShapeProto.Dimension, row_axis: str, per_axes: tuple[str, ...]):
+    """``(factor, holds the row axis)`` of one dimension, or None when its size is unknown.
+    Symbolic sizes may be products (``batch*history``, ``1678*batch``) after a flatten."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value, False
+    factor, has_row = 1, False
+    for token in (dim.dim_param or "?").replace(" ", "").split("*"):
+        if token.isdigit():
+            factor *= int(token)
+        elif token == row_axis:
+            has_row = True
+        elif token not in per_axes:
+            return None
+    return factor, has_row
+
+
+def graph_bytes_per_row(
+    model: onnx.ModelProto, row_axis: str = "batch", per_axes: tuple[str, ...] = ()
+) -> int:
+    """Bytes of every tensor of ``model`` (inputs, intermediates, outputs) that grows with
+    ``row_axis``, for one row and one unit of each of ``per_axes`` (e.g. one history slot).
+
+    The sum is an upper bound of what one row costs onnxruntime (it frees and reuses buffers, so
+    its peak is lower), which is what sizing a call from a memory budget needs. Tensors with a
+    size onnx cannot infer (data-dependent) are left out.
+    """
+    if len(model.graph.value_info) == 0:
+        model = onnx.shape_inference.infer_shapes(model)
+    total = 0
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape") or tensor.elem_type == onnx.TensorProto.UNDEFINED:
+            continue
+        count, has_row = 1, False
+        for dim in tensor.shape.dim:
+            factor = _per_row_factor(dim, row_axis, per_axes)
+            if factor is None:
+                break
+            count, has_row = count * factor[0], has_row or factor[1]
+        else:
+            if has_row:
+                total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+    return total
 
 
 def _producer(path: Path) -> str:
@@ -69,6 +115,7 @@ class OrtScorer:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = {i.name: _ORT_DTYPES.get(i.type) for i in self.session.get_inputs()}
+        self._row_bytes: dict[tuple[str, ...], int] = {}
         expected = _signature_inputs(self.path)
         if expected is not None and expected != self.input_names:
             raise ModelFileError(
@@ -95,6 +142,14 @@ class OrtScorer:
                 )
         return next(iter(rows.values()))
 
+    def bytes_per_row(self, *per_axes: str) -> int:
+        """What one row of a call costs in memory (``graph_bytes_per_row``), per unit of each of
+        ``per_axes`` (e.g. ``"history"``: per history slot). Read from the file once."""
+        key = tuple(per_axes)
+        if key not in self._row_bytes:
+            self._row_bytes[key] = graph_bytes_per_row(onnx.load(str(self.path)), "batch", key)
+        return self._row_bytes[key]
+
     def run(self, **inputs: Any) -> dict[str, np.ndarray]:
         arrays = {name: np.asarray(x) for name, x in inputs.items()}
         n = self._check(arrays)
@@ -102,4 +157,6 @@ class OrtScorer:
         parts = [
             self.session.run(None, {k: v[s : s + self.batch_size] for k, v in arrays.items()}) for s in starts
         ]
+        if len(parts) == 1:  # no copy: a scorer's output may be most of a memory budget
+            return dict(zip(self.output_names, parts[0]))
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(self.output_names)}

@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.budget import DEFAULT_SCORE_MEMORY_BYTES, row_chunks
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
@@ -53,7 +54,8 @@ class Config:
     # Items per block of the item x item product: peak memory ~ block * n_items * 12 bytes
     # (27k items -> ~170 MB at 512), independent of the number of users.
     block_size: int = 512
-    # Rows per batch when scoring valid rows during fit (memory ~ batch * k * L).
+    # Rows per batch when scoring valid rows during fit (at most; the batch also shrinks so
+    # that batch x k x history x BYTES_PER_CELL stays within the scoring memory budget).
     eval_batch: int = 1024
     # "item_centred" (default, see the module docstring) or "seed" (the plain weighted average).
     prediction: str = "item_centred"
@@ -200,8 +202,15 @@ class ItemKNNScorer(nn.Module):
         w = match.to(sim.dtype) * sim.unsqueeze(2)  # [B, k, L]
         hist_safe = torch.where((hist_item_idx >= 0) & (hist_item_idx < n_items), hist_item_idx, 0)
         deviation = hist_rating - self.centre * self.item_mean[hist_safe]  # [B, L]
-        num = (w * deviation.unsqueeze(1)).sum(dim=(1, 2))
-        den = w.abs().sum(dim=(1, 2))
+        # A row's prediction must not depend on how wide its batch is padded or on who shares
+        # the batch, so that scoring in memory-sized chunks gives exactly the unchunked scores.
+        # One sum over (k, history) regrouped its additions with the padding (predictions moved
+        # by up to ~5e-7), and a reduction over k alone still regrouped with the batch size in
+        # onnxruntime. So: sum over the history, where a neighbour matches at most one slot
+        # (exact in any order), then add the k neighbours in order with a running sum, which
+        # both runtimes compute sequentially.
+        num = (w * deviation.unsqueeze(1)).sum(dim=2).cumsum(dim=1)[:, -1]
+        den = w.abs().sum(dim=2).cumsum(dim=1)[:, -1]
         n_hist = present.to(hist_rating.dtype).sum(dim=1)
         user_mean = (hist_rating * present.to(hist_rating.dtype)).sum(dim=1) / n_hist.clamp(min=1.0)
         item_mean = self.item_mean[item_idx]
@@ -289,6 +298,12 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     return model
 
 
+# Peak bytes the scorer holds per (row, neighbour, history slot): the bool match masks and
+# the float32 weights and products of ``ItemKNNScorer.forward`` (about 9 measured in torch
+# eager; 16 leaves room for a runtime that keeps more temporaries alive).
+BYTES_PER_CELL = 16
+
+
 def by_history_length(train: sp.csr_matrix, user_idx: np.ndarray) -> np.ndarray:
     """Row order that groups users with similar history lengths.
 
@@ -300,15 +315,28 @@ def by_history_length(train: sp.csr_matrix, user_idx: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def predict(
-    model: ItemKNN, train: sp.csr_matrix, user_idx: np.ndarray, item_idx: np.ndarray, batch: int = 1024
+    model: ItemKNN,
+    train: sp.csr_matrix,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    batch: int = 1024,
+    memory_bytes: int = DEFAULT_SCORE_MEMORY_BYTES,
 ) -> np.ndarray:
-    """Score (user, item) rows through the scorer, building each batch's history from ``train``."""
+    """Score (user, item) rows through the scorer, building each batch's history from ``train``.
+
+    Batches hold at most ``batch`` rows and ``rows x k x history x BYTES_PER_CELL <=
+    memory_bytes`` (rows sorted by history length, so a long history shares its batch only
+    with other long ones); a single row over the budget is scored alone. Predictions do not
+    depend on the batching (see ``ItemKNNScorer.forward``).
+    """
     scorer = model.scorer()
     order = by_history_length(train, user_idx)
     users, items_all = np.asarray(user_idx)[order], np.asarray(item_idx, dtype=np.int64)[order]
+    widths = np.diff(train.indptr)[users]
     out = np.zeros(len(order), dtype=np.float32)
-    for lo in range(0, len(order), batch):
-        hist, hr = history_arrays(train, users[lo : lo + batch])
-        items = torch.from_numpy(items_all[lo : lo + batch])
-        out[order[lo : lo + batch]] = scorer(items, torch.from_numpy(hist), torch.from_numpy(hr)).numpy()
+    per_slot = int(model.meta["k"]) * BYTES_PER_CELL
+    for lo, hi in row_chunks(widths, per_slot, memory_bytes, batch):
+        hist, hr = history_arrays(train, users[lo:hi])
+        items = torch.from_numpy(items_all[lo:hi])
+        out[order[lo:hi]] = scorer(items, torch.from_numpy(hist), torch.from_numpy(hr)).numpy()
     return out

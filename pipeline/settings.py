@@ -33,6 +33,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_MAX_REJECTED_ROWS_PER_REASON`` | 1000 | rows ``raw.rejected_*`` keep per reason (all counted) |
 | ``RECSYS_FILES_ENCODING`` | ``utf-8`` | ``files``: encoding of csv/tsv, ``utf-8`` \\| ``latin-1`` |
 | ``RECSYS_KEEP_VERSIONS`` | 5 | registry versions ``prune_storage`` keeps per family (plus ``CURRENT``) |
+| ``RECSYS_SCORE_MEMORY_MB`` | 256 | MiB per evaluation scoring call (top-K users x items, kNN histories) |
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.budget import DEFAULT_SCORE_MEMORY_MB
 from ingest.layouts import MAX_LINE_BYTES, MAX_UNPACKED_BYTES, MAX_ZIP_MEMBERS
 from ingest.validation import MAX_REJECTED_ROWS_PER_REASON
 
@@ -181,6 +183,8 @@ class Settings:
     # older ones, and the snapshots and artifacts only they needed, are pruned (retention.py).
     keep_versions: int = DEFAULT_KEEP_VERSIONS
     warehouse_engine: str = "duckdb"  # RECSYS_WAREHOUSE: the engine dbt builds on
+    # MiB one scoring call of evaluation may take; passed to evaluation.evaluate_onnx
+    score_memory_mb: int = DEFAULT_SCORE_MEMORY_MB
 
     @property
     def warehouse(self) -> Path:
@@ -285,6 +289,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         files_encoding=_env_choice(env, "RECSYS_FILES_ENCODING", "utf-8", ENCODINGS),
         keep_versions=_env_int(env, "RECSYS_KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, 1),
         warehouse_engine=warehouse_choice(env.get("RECSYS_WAREHOUSE")),
+        score_memory_mb=_env_int(env, "RECSYS_SCORE_MEMORY_MB", DEFAULT_SCORE_MEMORY_MB, 1),
     )
 
 
