@@ -1,4 +1,5 @@
-"""Dagster resources: the DuckDB warehouse every stage reads and writes."""
+"""Dagster resources: the DuckDB warehouse every stage reads and writes, and the marts dbt
+built on the engine RECSYS_WAREHOUSE names (DuckDB itself, or Spark's parquet folders)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import duckdb
 
 from ingest.loader import connect
 from pipeline.settings import load_settings, memory_size
+from pipeline.warehouse_spark import parquet_connection
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -25,6 +27,27 @@ class WarehouseResource(dg.ConfigurableResource):
     # code location follows RECSYS_HOME without a reload.
     path: str | None = None
     memory_limit: str | None = None
+
+    def engine(self) -> str:
+        """``duckdb`` or ``spark``: where dbt builds the marts (RECSYS_WAREHOUSE)."""
+        return load_settings().warehouse_engine
+
+    @contextmanager
+    def connect_marts(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only DuckDB connection whose ``main.*`` are the tables dbt built: the DuckDB
+        file itself, or on Spark an in-memory DuckDB over the parquet folders Spark wrote
+        (pipeline.warehouse_spark). The snapshot, the contracts and the row counts read these."""
+        settings = load_settings()
+        if settings.warehouse_engine != "spark":
+            with self.connect(read_only=True) as con:
+                yield con
+            return
+        memory = memory_size(self.memory_limit, "warehouse.memory_limit") if self.memory_limit else None
+        con = parquet_connection(settings, memory)
+        try:
+            yield con
+        finally:
+            con.close()
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -58,11 +58,14 @@ class MissingMartError(LookupError):
     """A mart the snapshot needs is not in the warehouse."""
 
 
+def _main_relations(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Tables and views of schema main: on Spark the marts are views over its parquet folders."""
+    sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+    return {r[0] for r in con.execute(sql).fetchall()}
+
+
 def require_marts(con: duckdb.DuckDBPyConnection) -> None:
-    present = {
-        r[0]
-        for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
-    }
+    present = _main_relations(con)
     missing = [t for t in (*TABLES, BUILD_INFO) if t not in present]
     if missing:
         raise MissingMartError(
@@ -73,10 +76,7 @@ def require_marts(con: duckdb.DuckDBPyConnection) -> None:
 
 def read_build_info(con: duckdb.DuckDBPyConnection) -> dict[str, object] | None:
     """The one row of ``main.mart_build_info`` as a dict, or None when dbt has not built it."""
-    present = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = ?", [BUILD_INFO]
-    ).fetchone()[0]
-    if not present:
+    if BUILD_INFO not in _main_relations(con):
         return None
     rows = con.execute(f"SELECT {', '.join(BUILD_INFO_COLUMNS)} FROM main.{BUILD_INFO}").fetchall()
     if len(rows) != 1:

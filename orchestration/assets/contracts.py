@@ -41,11 +41,13 @@ def contract_check_result(
     settings: Settings,
     build_info: Mapping[str, object] | None = None,
     skip_unbuilt_upstream: bool = False,
+    warehouse: str | None = None,
 ) -> dg.AssetCheckResult:
     """Run one suite and turn it into a check result whose metadata shows what failed.
 
     ``skip_unbuilt_upstream``: expectations comparing with a mart not built yet (a partial
     materialisation on a fresh warehouse) are listed as skipped instead of failing the suite.
+    ``warehouse``: the engine that built the table (``duckdb`` / ``spark``), shown in the metadata.
     """
     from data_contracts import run_suite
 
@@ -80,6 +82,7 @@ def contract_check_result(
                 ]
             ),
             "report": dg.MetadataValue.md(result.to_markdown()),
+            **({"warehouse": warehouse} if warehouse else {}),
         },
     )
 
@@ -103,10 +106,11 @@ def contract_check_result(
 def mart_contracts(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource):
     settings = load_settings()
     selected = {key.asset_key.path[-1] for key in context.selected_asset_check_keys}
-    with warehouse.connect(read_only=True) as con:
+    with warehouse.connect_marts() as con:  # DuckDB's tables, or Spark's parquet folders
         build_info = read_build_info(con)
         for mart in MARTS:
             if mart in selected:
                 yield contract_check_result(
-                    con, mart, dg.AssetKey(mart), settings, build_info, skip_unbuilt_upstream=True
-                )
+                    con, mart, dg.AssetKey(mart), settings, build_info, skip_unbuilt_upstream=True,
+                    warehouse=settings.warehouse_engine,
+                )  # fmt: skip

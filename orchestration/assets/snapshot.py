@@ -32,7 +32,8 @@ def _latest_data_versions(instance: dg.DagsterInstance, keys) -> dict[str, str |
     description=(
         "The marts frozen into parquet + meta.json under `$RECSYS_HOME/snapshots/<fingerprint>/`: "
         "every family trains and is evaluated on exactly these rows, without holding the "
-        "DuckDB file. Data version = content hash of the marts. The split and the other dbt "
+        "DuckDB file (on Spark, DuckDB reads the marts' parquet folders). Data version = content "
+        "hash of the marts. The split and the other dbt "
         "vars are read from `mart_build_info` (meta.json `build_info`)."
     ),
 )
@@ -45,7 +46,7 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
         "dbt_models": dbt_lineage(manifest, MARTS),
         "upstream": _latest_data_versions(context.instance, RAW_ASSETS + MARTS),
     }
-    with warehouse.connect(read_only=True) as con:
+    with warehouse.connect_marts() as con:  # DuckDB's tables, or Spark's parquet folders
         path = write_snapshot(con, settings.home / "snapshots", extra)
     meta = json.loads((path / "meta.json").read_text())
     return dg.Output(
@@ -57,5 +58,6 @@ def training_snapshot(context: dg.AssetExecutionContext, warehouse: WarehouseRes
             "n_items": meta["n_items"],
             "split_rows": dg.MetadataValue.json(meta["split_rows"]),
             "split": str(meta.get("split")),
+            "warehouse": settings.warehouse_engine,
         },
     )

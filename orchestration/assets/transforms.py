@@ -23,6 +23,7 @@ from common.io import exclusive_lock
 from orchestration.resources import WarehouseResource
 from pipeline.dbt_selection import SubsetSelection, subset_selection
 from pipeline.settings import DBT_PROJECT_DIR, SPLITS, load_settings
+from pipeline.warehouse_spark import export_raw, raw_dir, tables_dir
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 # The dbt installed beside this interpreter, so an unactivated virtualenv works too.
@@ -39,11 +40,22 @@ def _manifest_is_stale(project: DbtProject) -> bool:
     manifest = Path(project.manifest_path)
     if not manifest.exists():
         return True
+    if _manifest_adapter(manifest) != load_settings().warehouse_engine:
+        return True  # parsed for the other engine (RECSYS_WAREHOUSE): its kinds and configs differ
     built = manifest.stat().st_mtime
     root = Path(project.project_dir)
     sources = [root / "dbt_project.yml", *root.glob("models/**/*"), *root.glob("macros/**/*"),
                *root.glob("tests/**/*")]  # fmt: skip
     return any(p.is_file() and p.stat().st_mtime > built for p in sources)
+
+
+def _manifest_adapter(manifest: Path) -> str | None:
+    """The adapter type (``duckdb`` / ``spark``) a manifest was parsed for, from its metadata."""
+    try:
+        with manifest.open() as f:
+            return json.load(f).get("metadata", {}).get("adapter_type")
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_manifest(project: DbtProject = dbt_project) -> Path:
@@ -110,9 +122,11 @@ def transforms(
     if split not in SPLITS:
         raise dg.Failure(f"run config split={split!r} is not one of {', '.join(SPLITS)}.")
     export_dbt_env()
+    if settings.warehouse_engine == "spark":
+        _export_raw_for_spark(context, warehouse, settings)
     dbt_vars = settings.dbt_vars(split)
-    subset = _subset_selection(context, settings.warehouse)
-    context.log.info(f"dbt build with vars {dbt_vars}")
+    subset = _subset_selection(context, settings)
+    context.log.info(f"dbt build on {settings.warehouse_engine} with vars {dbt_vars}")
     with _indirect_selection(subset.indirect_selection):
         invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars), *subset.args()], context=context,
                              raise_on_error=False)  # fmt: skip
@@ -121,22 +135,39 @@ def transforms(
         events = list(invocation.stream())
     counts = _row_counts(warehouse, events) if invocation.is_successful() else {}
     selected = set(context.selected_output_names)
-    for event in events:
-        if isinstance(event, dg.Output) and event.output_name not in selected:
-            continue  # mart_build_info, rebuilt beside a mart subset so it never goes stale
-        if isinstance(event, dg.Output) and event.output_name in counts:
-            event = event.with_metadata(
-                {**event.metadata, "dagster/row_count": counts[event.output_name], "split": split}
-            )
-        yield event
+    yield from _with_metadata(events, selected, counts, split, settings.warehouse_engine)
     if not invocation.is_successful():
         _raise_dbt_failure(context, invocation, settings)
 
 
-def _subset_selection(context: dg.AssetExecutionContext, warehouse: Path) -> SubsetSelection:
-    """A subset runs each multi-parent dbt test whose parents are selected or already built."""
+def _with_metadata(events: list, selected: set[str], counts: dict[str, int], split: str, engine: str):
+    """dbt's events, each model's output with its row count, the split and the engine."""
+    for event in events:
+        if isinstance(event, dg.Output) and event.output_name not in selected:
+            continue  # mart_build_info, rebuilt beside a mart subset so it never goes stale
+        if isinstance(event, dg.Output):
+            extra = {"dagster/row_count": counts[event.output_name], "split": split} if (
+                event.output_name in counts) else {}  # fmt: skip
+            event = event.with_metadata({**event.metadata, **extra, "warehouse": engine})
+        yield event
+
+
+def _export_raw_for_spark(context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings) -> None:
+    """raw.* as validated in DuckDB, written to the parquet files Spark's sources read."""
+    with warehouse.connect(read_only=True) as con:
+        rows = export_raw(con, settings)
+    context.log.info(f"raw tables exported for Spark to {raw_dir(settings)}: {rows}")
+
+
+def _subset_selection(context: dg.AssetExecutionContext, settings) -> SubsetSelection:
+    """A subset runs each multi-parent dbt test whose parents are selected or already built.
+
+    On Spark the built models are not in the DuckDB file, so none counts as built there: a
+    subset then runs the tests inside it (cautious selection) and none that reach an older build.
+    """
     manifest = json.loads(Path(dbt_project.manifest_path).read_text())
-    subset = subset_selection(manifest, {k.path[-1] for k in context.selected_asset_keys}, warehouse)
+    built = settings.warehouse if settings.warehouse_engine == "duckdb" else tables_dir(settings) / "none"
+    subset = subset_selection(manifest, {k.path[-1] for k in context.selected_asset_keys}, built)
     if subset.indirect_selection:
         context.log.info(
             f"dbt subset build: indirect selection {subset.indirect_selection}, plus "
@@ -197,14 +228,21 @@ def _lock_conflict(text: str) -> str | None:
 
 
 def _row_counts(warehouse: WarehouseResource, events: list) -> dict[str, int]:
-    """Rows of every model dbt built, keyed by output name."""
+    """Rows of every model dbt built, keyed by output name (on Spark: its tables; a view there
+    has no files to count)."""
     relations = {
         e.output_name: str(e.metadata["unique_id"].value).rsplit(".", 1)[-1]
         for e in events
         if isinstance(e, dg.Output) and "unique_id" in e.metadata
     }
-    with warehouse.connect(read_only=True) as con:
+    with warehouse.connect_marts() as con:
+        present = {
+            r[0] for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()
+        }  # fmt: skip
         return {
             name: con.execute(f'SELECT count(*) FROM main."{relation}"').fetchone()[0]
             for name, relation in relations.items()
+            if relation in present
         }

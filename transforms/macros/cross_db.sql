@@ -1,7 +1,8 @@
 {#
   Cross-database helpers. Each macro dispatches through adapter.dispatch(name, 'recsys'):
-  `duckdb__*` is what the embedded warehouse runs, `default__*` is written in standard SQL
-  (checked against Postgres/Trino semantics) so the models can move to another target.
+  `duckdb__*` is what the embedded warehouse runs, `spark__*` what the Spark target runs
+  (RECSYS_WAREHOUSE=spark), `default__*` is written in standard SQL (checked against
+  Postgres/Trino semantics) so the models can move to another target.
   Timestamps in the raw layer are unix seconds (BIGINT) and are always read as UTC.
 #}
 
@@ -18,6 +19,10 @@
   double precision
 {%- endmacro %}
 
+{% macro spark__type_double() -%}
+  double
+{%- endmacro %}
+
 
 {# unix seconds -> timestamp without time zone, in UTC (independent of the session TimeZone) #}
 {% macro epoch_to_timestamp(epoch_seconds) -%}
@@ -32,6 +37,12 @@
   {{ dbt.dateadd('second', epoch_seconds, "cast('1970-01-01 00:00:00' as " ~ dbt.type_timestamp() ~ ")") }}
 {%- endmacro %}
 
+{# Spark's timestamp is shown in the session time zone; the profile pins it to UTC, and the
+   utc_* macros below do not depend on it at all. #}
+{% macro spark__epoch_to_timestamp(epoch_seconds) -%}
+  timestamp_seconds(cast({{ epoch_seconds }} as bigint))
+{%- endmacro %}
+
 
 {# hour of day 0..23 (UTC) of unix seconds, as integer #}
 {% macro utc_hour(epoch_seconds) -%}
@@ -44,6 +55,11 @@
 
 {% macro default__utc_hour(epoch_seconds) -%}
   cast(extract(hour from {{ recsys.epoch_to_timestamp(epoch_seconds) }}) as {{ dbt.type_int() }})
+{%- endmacro %}
+
+{# integer arithmetic on unix seconds: the same on every cluster, whatever its session time zone #}
+{% macro spark__utc_hour(epoch_seconds) -%}
+  cast(floor(mod(mod(cast({{ epoch_seconds }} as bigint), 86400) + 86400, 86400) / 3600) as int)
 {%- endmacro %}
 
 
@@ -75,6 +91,11 @@
   cast(extract(year from {{ recsys.epoch_to_timestamp(epoch_seconds) }}) as {{ dbt.type_int() }})
 {%- endmacro %}
 
+{# the UTC calendar day as a DATE (no time zone), then its year #}
+{% macro spark__utc_year(epoch_seconds) -%}
+  cast(year(date_from_unix_date(cast(floor({{ epoch_seconds }} / 86400.0) as int))) as int)
+{%- endmacro %}
+
 
 {# number of elements of an array/list (NULL for a NULL list) #}
 {% macro list_length(list_expr) -%}
@@ -89,6 +110,11 @@
   cast(cardinality({{ list_expr }}) as {{ dbt.type_int() }})
 {%- endmacro %}
 
+{# size(NULL) is -1 on Spark unless ANSI mode is on (dbt-spark turns it off): keep NULL #}
+{% macro spark__list_length(list_expr) -%}
+  cast(case when {{ list_expr }} is null then null else size({{ list_expr }}) end as int)
+{%- endmacro %}
+
 
 {# an empty integer array/list literal #}
 {% macro empty_int_list() -%}
@@ -101,4 +127,24 @@
 
 {% macro default__empty_int_list() -%}
   cast(array[] as integer array)
+{%- endmacro %}
+
+{% macro spark__empty_int_list() -%}
+  cast(array() as array<int>)
+{%- endmacro %}
+
+
+{# 1.0 when `condition` holds, else 0.0: its avg() is the fraction of rows where it holds.
+   Spark reads the literal 1.0 as DECIMAL(2,1) and averages decimals to 5 places (1/3 ->
+   0.33333), so it gets doubles, whose average is what DuckDB returns to the last bit. #}
+{% macro indicator(condition) -%}
+  {{ return(adapter.dispatch('indicator', 'recsys')(condition)) }}
+{%- endmacro %}
+
+{% macro default__indicator(condition) -%}
+  case when {{ condition }} then 1.0 else 0.0 end
+{%- endmacro %}
+
+{% macro spark__indicator(condition) -%}
+  case when {{ condition }} then cast(1 as double) else cast(0 as double) end
 {%- endmacro %}

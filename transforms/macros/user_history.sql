@@ -81,3 +81,105 @@
     ) as history
         on history.event_id = events.event_id
 {%- endmacro %}
+
+
+{#
+  Spark: window frame offsets must be constants, and collect_list keeps no order of its own.
+  Every event of a (user, ts) group has the same history, the one of the group's first event
+  by event_id: the `history_len` rows before that event all have a smaller ts. So a constant
+  ROWS frame of `history_len` rows collects (ts, event_id, item_idx) structs, the group's
+  first event passes its list to the others, and array_sort (by ts, then event_id) fixes the
+  order before unknown items are dropped. Work and memory are O(events x history_len).
+#}
+{% macro spark__user_history(relation, history_len) -%}
+    select
+        events.*,
+        history.history_item_idx,
+        history.history_max_ts
+    from {{ relation }} as events
+    inner join (
+        select
+            event_id,
+            case
+                when size(kept_events) > 0 then transform(kept_events, e -> e.item_idx)
+            end as history_item_idx,
+            array_max(transform(kept_events, e -> e.ts)) as history_max_ts
+        from (
+            select
+                event_id,
+                filter(
+                    array_sort(first(recent_events) over (
+                        partition by user_id, ts
+                        order by event_id
+                        rows between unbounded preceding and current row
+                    )),
+                    e -> e.item_idx > 0
+                ) as kept_events
+            from (
+                select
+                    event_id,
+                    user_id,
+                    ts,
+                    collect_list(struct(ts, event_id, item_idx)) over (
+                        partition by user_id
+                        order by ts, event_id
+                        rows between {{ history_len }} preceding and 1 preceding
+                    ) as recent_events
+                from {{ relation }}
+            ) as framed
+        ) as shared
+    ) as history
+        on history.event_id = events.event_id
+{%- endmacro %}
+
+
+{#
+  user_history_reference(relation, history_len): the straightforward recompute the test
+  assert_history_matches_recompute compares the built history with. DuckDB and standard SQL
+  use default__user_history; Spark has no ordered array_agg, so it sorts collected structs.
+#}
+{% macro user_history_reference(relation, history_len) -%}
+  {{ return(adapter.dispatch('user_history_reference', 'recsys')(relation, history_len)) }}
+{%- endmacro %}
+
+{% macro default__user_history_reference(relation, history_len) -%}
+  {{ recsys.default__user_history(relation, history_len) }}
+{%- endmacro %}
+
+{% macro spark__user_history_reference(relation, history_len) -%}
+    select
+        events.*,
+        history.history_item_idx,
+        history.history_max_ts
+    from {{ relation }} as events
+    left join (
+        select
+            event_id,
+            case
+                when size(collect_list(case when earlier_item_idx > 0 then earlier_item_idx end)) > 0
+                    then transform(
+                        array_sort(collect_list(case when earlier_item_idx > 0
+                            then struct(earlier_ts, earlier_event_id, earlier_item_idx) end)),
+                        e -> e.earlier_item_idx)
+            end as history_item_idx,
+            max(case when earlier_item_idx > 0 then earlier_ts end) as history_max_ts
+        from (
+            select
+                current_event.event_id,
+                earlier_event.item_idx as earlier_item_idx,
+                earlier_event.ts as earlier_ts,
+                earlier_event.event_id as earlier_event_id,
+                row_number() over (
+                    partition by current_event.event_id
+                    order by earlier_event.ts desc, earlier_event.event_id desc
+                ) as recency
+            from {{ relation }} as current_event
+            inner join {{ relation }} as earlier_event
+                on earlier_event.user_id = current_event.user_id
+                and earlier_event.ts < current_event.ts
+        ) as candidates
+        where recency <= {{ history_len }}
+        group by event_id
+    ) as history
+        on history.event_id = events.event_id
+{%- endmacro %}

@@ -2,7 +2,8 @@
 -- on a deterministic sample of users (md5 of user_id below '04': 1 in 64): for each event, join the user's events
 -- with a strictly smaller ts, keep the var history_len most recent by (ts, event_id), drop
 -- unknown items, list oldest first. The recompute is the standard-SQL implementation
--- (default__user_history), so this also checks the portable fallback.
+-- (default__user_history; on Spark, which has no ordered array_agg, a self-join that sorts
+-- the collected events: user_history_reference), so this also checks the portable fallback.
 
 with
 
@@ -16,7 +17,7 @@ sampled_events as (
 
 recomputed as (
 
-    {{ recsys.default__user_history('sampled_events', var('history_len') | int) }}
+    {{ recsys.user_history_reference('sampled_events', var('history_len') | int) }}
 
 ),
 

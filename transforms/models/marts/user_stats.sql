@@ -22,7 +22,7 @@ aggregated as (
         user_id,
         count(*) as n_ratings,
         avg(rating) as mean_rating,
-        avg(case when rating >= {{ var('like_threshold') }} then 1.0 else 0.0 end) as like_rate,
+        avg({{ recsys.indicator("rating >= " ~ var('like_threshold')) }}) as like_rate,
         min(ts) as first_ts,
         max(ts) as last_ts
     from train_events
