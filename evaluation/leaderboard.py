@@ -207,6 +207,8 @@ def leaderboard_records(
     tasks = set()
     for ev in evaluations:
         tasks.add(ev["task"])
+        # an evaluation a partial run brought along from an older snapshot keeps that label
+        on_split, on_version = ev.get("evaluated_on", (split, data_version))
         for metric, value in ev["metrics"].items():
             records.append(
                 {
@@ -215,8 +217,8 @@ def leaderboard_records(
                     "task": ev["task"],
                     "metric": metric,
                     "value": float(value),
-                    "split": split,
-                    "data_version": data_version,
+                    "split": on_split,
+                    "data_version": on_version,
                     "version": None,
                     "is_baseline": False,
                 }  # fmt: skip
@@ -272,6 +274,21 @@ class Published:
     data_version: str
 
 
+def _evaluated_on(evaluation: dict, split: str, data_version: str) -> tuple[str, str]:
+    """(split, data version) of the snapshot an evaluation scored. A partial run brings the
+    latest evaluations of the families it did not run, which may have scored an older snapshot;
+    they are listed under that snapshot, apart from this one's baselines. An evaluation that
+    does not name its snapshot (written before it did) is taken to be of this one."""
+    snapshot = evaluation.get("snapshot")
+    if not snapshot or Path(snapshot).name == data_version:
+        return split, data_version
+    try:
+        meta = json.loads((Path(snapshot) / "meta.json").read_text())
+        return str(meta.get("split", "?")), str(meta["fingerprint"])
+    except (OSError, ValueError, KeyError):  # pruned since: its folder name is its fingerprint
+        return "?", Path(snapshot).name
+
+
 def publish_leaderboard(
     evaluations: list[dict], baselines: dict, snapshot_dir: Path | str, reports_dir: Path | str
 ) -> Published:
@@ -279,7 +296,8 @@ def publish_leaderboard(
     ``leaderboard.json`` and ``leaderboard.png`` in ``reports_dir`` (each written atomically)."""
     meta = json.loads((Path(snapshot_dir) / "meta.json").read_text())
     split, data_version = str(meta.get("split", "?")), meta["fingerprint"]
-    records = leaderboard_records(evaluations, baselines, split=split, data_version=data_version)
+    labelled = [{**ev, "evaluated_on": _evaluated_on(ev, split, data_version)} for ev in evaluations]
+    records = leaderboard_records(labelled, baselines, split=split, data_version=data_version)
     reports = Path(reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     json_path = write_leaderboard_json(records, reports / "leaderboard.json")

@@ -286,6 +286,7 @@ class Evaluated:
     blessing: Blessing
     data_version: str | None = None  # of the raw interactions the snapshot was built from
     popularity: Mapping[str, float] | None = None  # the baseline it was blessed against
+    snapshot: str | None = None  # the snapshot folder it scored (the leaderboard labels it)
 
     @property
     def metrics_path(self) -> Path:
@@ -303,6 +304,7 @@ class Evaluated:
             "blessing_reasons": list(self.blessing.reasons),
             "popularity": dict(self.popularity or {}),
             "data_version": self.data_version,
+            "snapshot": self.snapshot,
         }
 
 
@@ -337,7 +339,7 @@ def evaluate(
         data_version = (meta.get("upstream") or {}).get("raw_interactions")
         blessing = bless(family.name, task, metrics, dict(popularity), settings.registry_dir,
                          settings.bless_tolerance, data_version=data_version)  # fmt: skip
-        return Evaluated(out, reuse, metrics, blessing, data_version, dict(popularity))
+        return Evaluated(out, reuse, metrics, blessing, data_version, dict(popularity), snapshot)
 
 
 # --- promote ------------------------------------------------------------------------------
