@@ -26,6 +26,7 @@ ort, ...) so machine noise lands on all of them. Batch 1: per-call latency (medi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -176,6 +177,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__} (default threads {threads}), onnxruntime {ort.__version__}")
+    load_start = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="recsys-bench-onnx-") as tmp:
         tmp = Path(tmp)
@@ -183,6 +185,10 @@ def main() -> None:
         for name in families:
             results[name] = bench_family(name, snapshot, args, tmp)
 
+    # Ratios inside one run are what this measures; the load says how far to trust them.
+    print()
+    loads = " ".join(f"{x:.2f}" for x in load_start), " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load averages (1, 5, 15 min): {loads[0]} at start, {loads[1]} at end, on {os.cpu_count()} CPUs")
     print()
     print(f"batch 1: {args.calls1} calls per runtime (blocks of 100, interleaved); "
           f"batch 1024: {args.calls1024} calls per runtime (blocks of 10, interleaved)")  # fmt: skip
