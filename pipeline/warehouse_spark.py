@@ -99,7 +99,8 @@ def built_tables(settings: Settings) -> dict[str, Path]:
 
 
 def parquet_connection(settings: Settings, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with a view ``main.<model>`` over each table Spark built.
+    """An in-memory DuckDB with a view ``main.<model>`` over each table Spark built, and
+    ``raw.<table>`` over the raw parquet files Spark read.
 
     The views read the parquet folders as they are on disk; the caller closes the connection.
     Types are DuckDB's reading of Spark's parquet (int -> INTEGER, array<int> -> INTEGER[], ...),
@@ -107,6 +108,12 @@ def parquet_connection(settings: Settings, memory_limit: str | None = None) -> d
     """
     con = duckdb.connect(config={"memory_limit": memory_limit or settings.duckdb_memory_limit})
     try:
+        # raw.*: the files Spark read, which the mart contracts compare row counts with
+        con.execute("CREATE SCHEMA raw")
+        for table in RAW_TABLES:
+            path = raw_dir(settings) / f"{table}.parquet"
+            if path.is_file():
+                con.execute(f"CREATE VIEW raw.{table} AS SELECT * FROM read_parquet('{_sql_path(path)}')")
         for name, folder in built_tables(settings).items():
             con.execute(
                 f"CREATE VIEW main.\"{name}\" AS SELECT * FROM read_parquet('{_sql_path(folder)}/*.parquet')"
