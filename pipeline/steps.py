@@ -330,7 +330,8 @@ def evaluate(
             out = Path(hit["path"])
             metrics = json.loads((out / "metrics.json").read_text())
         else:
-            metrics = evaluate_onnx(Path(onnx_dir), Path(snapshot), task)
+            metrics = evaluate_onnx(Path(onnx_dir), Path(snapshot), task,
+                                    score_memory_mb=settings.score_memory_mb)  # fmt: skip
             out = settings.artifacts_dir / family.name / run_id / "eval"
             atomic_write_json(out / "metrics.json", metrics)
             cache.record(key, out, run_id)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from common.budget import budget_bytes
 from evaluation.evaluate import evaluate_baselines
 from evaluation.leaderboard import best_markdown, publish_leaderboard
 from models.catalogue import FAMILIES, select_families
@@ -25,9 +26,10 @@ from pipeline.settings import load_settings
     ),
 )
 def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
-    names = select_families(load_settings().families)
-    tasks = sorted({FAMILIES[n].task.value for n in names})
-    result = {task: evaluate_baselines(Path(snapshot), task) for task in tasks}
+    settings = load_settings()
+    tasks = sorted({FAMILIES[n].task.value for n in select_families(settings.families)})
+    memory = budget_bytes(settings.score_memory_mb)
+    result = {task: evaluate_baselines(Path(snapshot), task, memory_bytes=memory) for task in tasks}
     return dg.Output(result, metadata={"baselines": dg.MetadataValue.json(result)})
 
 
