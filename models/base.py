@@ -60,8 +60,9 @@ class TrainedModel(ABC):
         family: the family's name, also the name of its module ``models/<family>.py``.
         task: what the scorer computes (``Task``).
         config_cls: the family's ``Config`` dataclass.
-        upstream: families whose fitted models ``fit`` builds on (``fit(snapshot, config, log,
-            upstream)``); empty for most.
+        upstream: families whose fitted models ``fit`` may build on (``fit(snapshot, config,
+            log, upstream)``); empty for most. ``reads_upstream(config)`` says which of them a
+            given config reads, and ``upstream_note`` how (the model asset's description).
         loss: gradient-trained families only (``None`` for memory-based ones): a staticmethod
             ``loss(module, batch, config) -> scalar tensor``, the objective ``fit`` minimises.
         training_batch: with ``loss``: a staticmethod ``training_batch(snapshot, config, rows)``
@@ -72,8 +73,14 @@ class TrainedModel(ABC):
     task: ClassVar[Task]
     config_cls: ClassVar[type]
     upstream: ClassVar[tuple[str, ...]] = ()
+    upstream_note: ClassVar[str] = ""
     loss: ClassVar[Callable[..., torch.Tensor] | None] = None
     training_batch: ClassVar[Callable[..., tuple[torch.Tensor, ...]] | None] = None
+
+    @classmethod
+    def reads_upstream(cls, config: Any) -> tuple[str, ...]:
+        """The upstream families ``fit`` reads under ``config`` (default: every one declared)."""
+        return cls.upstream
 
     def __init__(self, config: Any, module: nn.Module, meta: dict, history: list[dict] | None = None):
         self.config = config

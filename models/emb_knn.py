@@ -196,6 +196,14 @@ class EmbKNN(TrainedModel):
     task = Task.TOPK
     config_cls = Config
     upstream = SOURCES
+    upstream_note = (
+        f"Built on the embeddings of one of {', '.join(SOURCES)} (config `source`); "
+        "`upstream_models` names the one used."
+    )
+
+    @classmethod
+    def reads_upstream(cls, config: Config) -> tuple[str, ...]:
+        return (config.source,)
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:

@@ -1,8 +1,11 @@
 """NeuMF (He et al. 2017, "Neural Collaborative Filtering"), task ``topk``: GMF and MLP with
 *separate* embeddings, their last layers concatenated, then one linear prediction layer.
 
-With ``pretrain`` (the paper's recipe) GMF and MLP are trained first inside ``fit`` (exactly
-the ``gmf`` and ``ncf_mlp`` fits), NeuMF starts from their weights with the output layer
+With ``pretrain`` (the paper's recipe) NeuMF starts from fitted GMF and MLP halves: in the
+pipeline these are the ``gmf`` and ``ncf_mlp`` models of the same run (``upstream``), whose
+default configs are exactly the halves', so they are not trained twice; a half whose fitted
+model has another config (or a ``fit`` called without them) is trained inside ``fit`` by
+exactly that family's fit. NeuMF starts from their weights with the output layer
 ``h = [alpha h_gmf, (1 - alpha) h_mlp]`` (alpha = 0.5) and is fine-tuned with plain SGD at a
 low learning rate (Adam's moments are not carried over from pretraining, so the paper
 fine-tunes with SGD rather than restarting Adam on already-good weights). Training, scorer
@@ -11,13 +14,16 @@ contract and fallbacks otherwise: the NCF family's, ``models/ncf.py``.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from models import gmf, ncf_mlp
+from models.base import TrainedModel
 from models.data import Snapshot
 from models.ncf import Log, MLPTower, NCFModel, NCFScorer, check_dropout, embedding, ncf_meta, train_ncf
 from models.runtime import Budget
@@ -125,7 +131,18 @@ def init_from_pretrained(
 class NeuMF(NCFModel):
     family = "neumf"
     config_cls = Config
+    upstream = ("gmf", "ncf_mlp")
+    upstream_note = (
+        "With `pretrain` (the default) it starts from the gmf and ncf_mlp models of the same "
+        "snapshot when their configs are its halves' (else it pretrains those halves itself); "
+        "`upstream_models` names the ones used."
+    )
+
     SCORES = "scores = h . [P_g[user] * Q_g,j, MLP([P_m[user], Q_m,j])] + b for every item j"
+
+    @classmethod
+    def reads_upstream(cls, config: Config) -> tuple[str, ...]:
+        return cls.upstream if config.pretrain else ()
 
     @classmethod
     def build_module(cls, config: Config, meta: dict) -> nn.Module:
@@ -139,7 +156,38 @@ class NeuMF(NCFModel):
         )
 
 
-def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
+def _comparable(config) -> dict:
+    """A config as JSON values, without the time budget (a half fitted without one is as good)."""
+    values = json.loads(json.dumps(asdict(config) if not isinstance(config, Mapping) else dict(config)))
+    values.pop("max_minutes", None)
+    return values
+
+
+def _fitted_half(name: str, wanted, upstream: Mapping[str, TrainedModel] | None, log: Log):
+    """The ``name`` model handed in by the pipeline, when it was fitted with exactly the config
+    this half would be pretrained with; else ``None`` (and the log says why)."""
+    if not upstream or name not in upstream:
+        return None
+    config_of = getattr(upstream, "config_of", None)  # reads config.json without loading weights
+    theirs = _comparable(config_of(name) if config_of else upstream[name].config)
+    ours = _comparable(wanted)
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        why = f"the fitted {name} model's config differs in {differ}"
+        log(f"[neumf] pretraining the {name} half itself: {why}")
+        return None
+    model = upstream[name]
+    # a half cut short by its own budget is not what the pretraining would give
+    if (model.meta.get("training") or {}).get("budget_hit"):
+        log(f"[neumf] pretraining the {name} half itself: the fitted {name} model hit its time budget")
+        return None
+    log(f"[neumf] the {name} half is the fitted {name} model (same config)")
+    return model
+
+
+def fit(
+    snapshot: Snapshot, config: Config, log: Log = print, upstream: Mapping[str, TrainedModel] | None = None
+) -> NeuMF:
     meta = ncf_meta(snapshot)
     # One budget for the whole fit: each pretraining fit and the fine-tuning get what is left
     # (at least a moment, so each still validates once).
@@ -171,23 +219,23 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
             history = train_ncf(module, snapshot, config, "neumf", log, validation=validation)
             return NeuMF(config, module, meta, history)
     t0 = time.perf_counter()
-    gmf_half = gmf.fit(
-        snapshot,
-        gmf.Config(dim=config.gmf_dim, init_std=config.gmf_init_std, max_minutes=left(), **common),
-        log,
+    gmf_config = gmf.Config(dim=config.gmf_dim, init_std=config.gmf_init_std, **common)
+    halves = {}
+    gmf_half = _fitted_half("gmf", gmf_config, upstream, log)
+    halves["gmf"] = "fitted model" if gmf_half is not None else "pretrained here"
+    if gmf_half is None:
+        gmf_half = gmf.fit(snapshot, replace(gmf_config, max_minutes=left()), log)
+    mlp_config = ncf_mlp.Config(
+        embed_dim=config.mlp_embed_dim,
+        hidden=config.mlp_hidden,
+        dropout=config.dropout,
+        init_std=config.mlp_init_std,
+        **common,
     )
-    mlp_half = ncf_mlp.fit(
-        snapshot,
-        ncf_mlp.Config(
-            embed_dim=config.mlp_embed_dim,
-            hidden=config.mlp_hidden,
-            dropout=config.dropout,
-            init_std=config.mlp_init_std,
-            max_minutes=left(),
-            **common,
-        ),
-        log,
-    )
+    mlp_half = _fitted_half("ncf_mlp", mlp_config, upstream, log)
+    halves["ncf_mlp"] = "fitted model" if mlp_half is not None else "pretrained here"
+    if mlp_half is None:
+        mlp_half = ncf_mlp.fit(snapshot, replace(mlp_config, max_minutes=left()), log)
     pretrain_s = time.perf_counter() - t0
     with deterministic(config.seed):
         init_from_pretrained(module, gmf_half.module, mlp_half.module, config.alpha)
@@ -217,5 +265,6 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> NeuMF:
         "ncf_mlp_valid_ndcg@10": max(r["valid_metric"] for r in mlp_half.history),
         "init_valid_ndcg@10": start,
         "seconds": pretrain_s,
+        "halves": halves,
     }
     return NeuMF(config, module.eval(), meta, history)

@@ -22,12 +22,12 @@ from evaluation.evaluate import evaluate_onnx
 from export.family_export import export_family
 from export.registry import Blessing, Promotion, bless, promote_blessed
 from models.base import CONFIG_FILE, WEIGHTS_FILE
-from models.catalogue import Family, load_model
+from models.catalogue import Family
 from models.config import parse_config
 from models.runtime import Runtime, resolve_device
 from pipeline import torchrun
 from pipeline.family_config import family_configs
-from pipeline.fitting import fit_family, gradient_trained
+from pipeline.fitting import UpstreamModels, fit_family, gradient_trained, upstream_input_name
 from pipeline.reuse import (
     StepCache,
     code_digest,
@@ -90,43 +90,6 @@ def jsonable(config: Any) -> dict:
     return json.loads(json.dumps(asdict(config) if is_dataclass(config) else dict(config), default=str))
 
 
-class UpstreamModels(Mapping):
-    """The upstream models a family may build on, loaded only when ``fit`` asks for one.
-
-    ``dirs`` maps family name -> saved model dir (the ``model_<family>`` asset values). A
-    family declares every candidate (``Family.upstream``) but its config picks which it uses
-    (emb_knn: ``source``); loading lazily keeps the others off disk and tells the step which
-    ones went into the model (``used``), so lineage names exactly those."""
-
-    def __init__(self, dirs: Mapping[str, str]):
-        self.dirs = dict(dirs)
-        self._loaded: dict = {}
-
-    def __getitem__(self, family: str):
-        if family not in self._loaded:
-            self._loaded[family] = load_model(self.dirs[family])
-        return self._loaded[family]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.dirs)
-
-    def __len__(self) -> int:
-        return len(self.dirs)
-
-    def used(self) -> dict[str, str]:
-        """``{asset key: "run_id=... model_dir=..."}`` of the models fit loaded; the run id is the
-        folder the model asset wrote under (``artifacts/<family>/<run_id>/model``)."""
-        return {
-            upstream_input_name(
-                family
-            ): f"run_id={Path(self.dirs[family]).parent.name} model_dir={self.dirs[family]}"
-            for family in self._loaded
-        }
-
-
-def upstream_input_name(family: str) -> str:
-    """The model asset's input (and Dagster ``ins`` key) for an upstream family's checkpoint."""
-    return f"model_{family}"
 
 
 # --- train --------------------------------------------------------------------------------
@@ -208,8 +171,9 @@ def train(
         start = time.perf_counter()
         out = settings.artifacts_dir / family.name / run_id / "model"
         if runtime.world_size > 1:
+            dirs = {u: upstream_dirs[upstream_input_name(u)] for u in family.upstream}
             job = torchrun.Job(family.name, snapshot, jsonable(config), str(out), runtime.torch_device.type,
-                               runtime.threads, runtime.buffer_rows, runtime.world_size)  # fmt: skip
+                               runtime.threads, runtime.buffer_rows, runtime.world_size, dirs)  # fmt: skip
             torchrun.launch(job, out.parent / "torchrun", log)
             seconds = round(time.perf_counter() - start, 2)
             cache.record(key, out, run_id, {"fit_seconds": seconds})

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from models import distributed
 from models.catalogue import FAMILIES
 from models.config import parse_config
 from models.runtime import DeviceUnavailable, Runtime
-from pipeline.fitting import fit_family
+from pipeline.fitting import UpstreamModels, fit_family
 from pipeline.settings import REPO_ROOT
 
 WORKER = "pipeline.torchrun"
@@ -68,6 +68,7 @@ class Job:
     threads: int
     buffer_rows: int
     procs: int
+    upstream: dict = field(default_factory=dict)  # upstream family -> its saved model dir
 
 
 def check_devices(runtime: Runtime, variable: str = "RECSYS_TRAIN_PROCS") -> None:
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_config(family.config_cls, job.config)
         print(f"[{job.family}] rank {rt.rank} of {rt.world_size} on {rt.device} ({distributed.backend()})")
         log = print if rt.rank == 0 else (lambda _line: None)  # rank 0 speaks for the group
-        model = fit_family(family, job.snapshot, config, log, rt)
+        upstream = UpstreamModels(job.upstream)
+        model = fit_family(family, job.snapshot, config, log, rt, *([upstream] if family.upstream else []))
+        if family.upstream:
+            model.meta["upstream_models"] = upstream.used()
         if rt.rank == 0:
             model.meta["training"]["backend"] = distributed.backend()
             model.save(job.out)

@@ -23,7 +23,7 @@ def test_movielens_layout_runs_every_family_end_to_end(recsys_home, dagster_home
     monkeypatch.setenv("RECSYS_SPLIT", "leave_last_out")
     config = tmp_path / "models.toml"
     config.write_text("".join(f"[{name}]\nepochs = {n}\n" for name, n in SHORT.items())
-                      + "[neumf]\nepochs = 2\npretrain_epochs = 2\n[wals]\niterations = 4\n")  # fmt: skip
+                      + "[neumf]\nepochs = 2\npretrain_epochs = 3\n[wals]\niterations = 4\n")  # fmt: skip
     monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(config))
     from orchestration.definitions import defs
 

@@ -145,6 +145,28 @@ def test_neumf_fit_with_pretraining_records_it(fitted):
     assert {"gmf_valid_ndcg@10", "ncf_mlp_valid_ndcg@10", "init_valid_ndcg@10"} <= set(model.meta["pretrain"])
 
 
+def test_neumf_starts_from_fitted_halves_with_its_halves_config(fitted, snapshot):
+    """Handed the gmf and ncf_mlp models (the pipeline's upstream), NeuMF does not train them
+    again: the result is the same model as pretraining inside fit. A half whose fitted model
+    has another config is pretrained inside fit instead, and the log says why."""
+    alone = fitted("neumf")  # pretrained both halves itself
+    halves = {"gmf": fitted("gmf"), "ncf_mlp": fitted("ncf_mlp")}
+    lines: list[str] = []
+    reused = CATALOGUE["neumf"].fit(snapshot, fast_config("neumf"), lines.append, halves)
+    assert reused.meta["pretrain"]["halves"] == {"gmf": "fitted model", "ncf_mlp": "fitted model"}
+    assert alone.meta["pretrain"]["halves"] == {"gmf": "pretrained here", "ncf_mlp": "pretrained here"}
+    a, b = alone.module.state_dict(), reused.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["valid_metric"] for r in alone.history] == [r["valid_metric"] for r in reused.history]
+
+    other = parse_config(CATALOGUE["neumf"].config_cls, FAST | {"pretrain_epochs": 2, "gmf_dim": 4})
+    lines.clear()
+    mixed = CATALOGUE["neumf"].fit(snapshot, other, lines.append, halves)
+    assert mixed.meta["pretrain"]["halves"] == {"gmf": "pretrained here", "ncf_mlp": "fitted model"}
+    assert any("pretraining the gmf half itself" in line and "'dim'" in line for line in lines), lines
+    assert CATALOGUE["neumf"].model.reads_upstream(parse_config(other.__class__, {"pretrain": False})) == ()
+
+
 def test_negative_sampler_never_returns_a_train_positive(snapshot):
     users, items = ncf.train_pairs(snapshot)
     sampler = topk.NegativeSampler(users, items, snapshot.n_items, seed=3)

@@ -38,15 +38,15 @@ def _reuse_metadata(reuse: steps.Reuse, stage: str) -> dict:
 
 
 def read_upstream(family: Family) -> tuple[str, ...]:
-    """The upstream families ``fit`` will read: the one its config's ``source`` names (emb_knn),
-    else every one it declares. A config that does not parse names them all (the step then
-    reports the config error)."""
+    """The upstream families ``fit`` will read under the configured config (the model class's
+    ``reads_upstream``: emb_knn the one its ``source`` names, neumf its halves when it
+    pretrains). A config that does not parse names them all (the step then reports the error)."""
     try:
         config = parse_config(family.config_cls, family_configs(load_settings()).get(family.name, {}))
     except (TypeError, ValueError):
         return family.upstream
-    source = getattr(config, "source", None)
-    return (source,) if source in family.upstream else family.upstream
+    reads = family.model.reads_upstream(config) if family.model is not None else family.upstream
+    return tuple(name for name in reads if name in family.upstream)
 
 
 def upstream_not_fitted_on(instance: dg.DagsterInstance, family: Family, snapshot: str) -> dict[str, str]:
@@ -97,10 +97,7 @@ class TrainingRunConfig(dg.Config):
 def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
     name = family.name
     upstream_ins = {steps.upstream_input_name(u): dg.AssetIn(_key("model", u)) for u in family.upstream}
-    upstream_note = (
-        f" Built on the embeddings of one of {', '.join(family.upstream)} (config `source`);"
-        " `upstream_models` names the one used."
-    )
+    upstream_note = " " + family.model.upstream_note if family.model is not None else ""
 
     @dg.asset(
         key=_key("model", name),
