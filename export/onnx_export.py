@@ -155,6 +155,41 @@ def _quiet_torch_onnx_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _shared_torchlib_registry() -> Iterator[None]:
+    """Build torch's ATen -> ONNX function registry once per process, not once per export.
+
+    ``torch.onnx.export(dynamo=True)`` rebuilds it from torchlib on every call (about 1 s of
+    each export here, most of a small family's). Built, it is only read during an export (no
+    ``custom_translation_table`` is passed), so one per opset serves them all; the exported
+    files are byte-identical. Falls back to torch's own behaviour if that internal moves."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        yield
+        return
+    registry_cls = getattr(_registration, "ONNXRegistry", None)
+    original = vars(registry_cls).get("from_torchlib") if registry_cls is not None else None
+    if not isinstance(original, classmethod):
+        yield
+        return
+
+    def cached(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _TORCHLIB_REGISTRIES:
+            _TORCHLIB_REGISTRIES[key] = original.__get__(None, cls)(*args, **kwargs)
+        return _TORCHLIB_REGISTRIES[key]
+
+    registry_cls.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        registry_cls.from_torchlib = original
+
+
+_TORCHLIB_REGISTRIES: dict = {}
+
+
 def _torch_export(
     scorer: torch.nn.Module,
     spec: ExportSpecLike,
@@ -178,8 +213,10 @@ def _torch_export(
             # one path through Python control flow, so such a forward must be branch-free on
             # data; the parity gate's unknown-id / history cases are what catch a wrong trace.
             options = {"dynamo": False, "dynamic_axes": _dynamic_axes(spec)}
-        torch.onnx.export(scorer, args, str(tmp), input_names=input_names, output_names=output_names,
-                          opset_version=OPSET, **options)  # fmt: skip
+        shared = _shared_torchlib_registry() if exporter == "dynamo" else contextlib.nullcontext()
+        with shared:
+            torch.onnx.export(scorer, args, str(tmp), input_names=input_names, output_names=output_names,
+                              opset_version=OPSET, **options)  # fmt: skip
 
 
 def _validate(model: onnx.ModelProto, spec: ExportSpecLike, path: Path) -> None:

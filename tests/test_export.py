@@ -435,3 +435,32 @@ def test_export_refuses_a_specialised_axis(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="history"):
         export_onnx(FixedLength(), spec, tmp_path / "fixed.onnx")
     assert not list(tmp_path.iterdir()), "a failed export leaves nothing behind"
+
+
+def test_torch_registry_is_built_once_and_the_files_are_the_same(tmp_path: Path, monkeypatch) -> None:
+    """The dynamo exporter's ATen -> ONNX registry is shared across exports in a process; the
+    graphs it gives are byte-identical to torch's own per-call registry."""
+    import contextlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    import export.onnx_export as onnx_export
+
+    toy = TOYS["history"]
+    built = []
+    original = vars(_registration.ONNXRegistry)["from_torchlib"]
+
+    def counting(cls, *args, **kwargs):
+        built.append(args or kwargs)
+        return original.__get__(None, cls)(*args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    monkeypatch.setattr(onnx_export, "_TORCHLIB_REGISTRIES", {})
+    shared = [export_onnx(toy.scorer, toy.spec, tmp_path / f"shared{i}.onnx") for i in range(2)]
+    assert len(built) == 1, "the second export reused the first one's registry"
+    assert vars(_registration.ONNXRegistry)["from_torchlib"].__func__ is counting, "restored afterwards"
+    monkeypatch.setattr(onnx_export, "_shared_torchlib_registry", contextlib.nullcontext)
+    own = export_onnx(toy.scorer, toy.spec, tmp_path / "own.onnx")
+    assert len(built) == 2
+    graphs = {onnx.load(str(p)).graph.SerializeToString() for p in (*shared, own)}
+    assert len(graphs) == 1
