@@ -253,27 +253,29 @@ def evaluate_baselines(
             for name, fn in sources.items()
         }  # fmt: skip
     elif task in ("ctr", "multitask"):
-        test = snap.ctr("test", max_history=1)
-        train_ctr = snap.ctr("train", max_history=1)
-        item = test.sparse[:, 1]
+        # only the columns the baselines read (at 25M rows the whole train table is ~10 GiB)
+        user, item_field = snap.meta["sparse_fields"][:2]
+        test = snap.split_columns("fct_ctr_samples", "test", [user, item_field, "label_like", "label_love"])
+        train_ctr = snap.split_columns("fct_ctr_samples", "train", [item_field, "label_like", "label_love"])
+        item, users = test[item_field].astype(np.int64), test[user].astype(np.int64)
+        train_items = train_ctr[item_field].astype(np.int64)
         out = {}
         for name in ("random", "popularity"):
             result: dict[str, float] = {}
-            for task_name, train_labels, labels in (
-                ("like", train_ctr.label_like, test.label_like),
-                ("love", train_ctr.label_love, test.label_love),
-            ):
+            for task_name in ("like", "love"):
+                labels = test[f"label_{task_name}"].astype(np.float32)
+                train_labels = train_ctr[f"label_{task_name}"].astype(np.float32)
                 logits = (
                     B.ctr_random(item, seed)
                     if name == "random"
-                    else B.ctr_popularity(train_ctr.sparse[:, 1], train_labels, item, snap.n_items)
+                    else B.ctr_popularity(train_items, train_labels, item, snap.n_items)
                 )
-                per_task = evaluate_ctr(labels, logits, test.user_idx, task_name=task_name)
+                per_task = evaluate_ctr(labels, logits, users, task_name=task_name)
                 result |= per_task
                 # the single-task CTR families predict `like`; multitask models report only
                 # per-task keys, so their baselines do too (same leaderboard columns)
                 if task_name == "like" and task == "ctr":
-                    result |= evaluate_ctr(labels, logits, test.user_idx)
+                    result |= evaluate_ctr(labels, logits, users)
             out[name] = result
     else:
         raise ValueError(f"unknown task {task!r}: expected rating, topk, ctr or multitask")

@@ -268,3 +268,20 @@ def test_evaluate_onnx_takes_budget(snapshot, tmp_path):
     assert small == evaluate_onnx(tmp_path, snapshot.path, "topk")
     with pytest.raises(ValueError, match="RECSYS_SCORE_MEMORY_MB"):
         evaluate_onnx(tmp_path, snapshot.path, "topk", score_memory_mb=-1)
+
+
+def test_ctr_baselines_read_only_their_columns_and_score_as_from_the_whole_table(tmp_path):
+    """The CTR baselines read item, user and labels of one split (``Snapshot.split_columns``),
+    not the whole table with its history lists; their metrics are what the full arrays give."""
+    from evaluation import baselines as B
+    from evaluation.evaluate import evaluate_ctr
+
+    snap = Snapshot(write_tiny_snapshot(tmp_path / "snap"))
+    test, train = snap.ctr("test"), snap.ctr("train")  # everything, histories included
+    cols = snap.split_columns("fct_ctr_samples", "test", ["item_idx", "label_like"])
+    assert set(cols) == {"item_idx", "label_like"} and len(cols["item_idx"]) == len(test)
+    np.testing.assert_array_equal(cols["item_idx"], test.sparse[:, 1])
+    popularity = B.ctr_popularity(train.sparse[:, 1], train.label_like, test.sparse[:, 1], snap.n_items)
+    expected = evaluate_ctr(test.label_like, popularity, test.user_idx)
+    got = evaluate_baselines(snap.path, "ctr")["popularity"]
+    assert {k: got[k] for k in expected} == pytest.approx(expected, abs=0, rel=0)
