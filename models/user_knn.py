@@ -48,10 +48,15 @@ from models.config import config_family
 from models.data import Snapshot
 from models.item_knn import centred_matrix
 from models.neighbours import NeighbourRows
+from models.symmetric_topk import symmetric_topk
 from models.train import format_row, history_row
 
 Log = Callable[[str], None]
 SIMILARITIES = ("cosine", "pearson")
+# From this many users up the cosine top-k takes the symmetric path: half the products, plus
+# merging candidate lists. Measured (2 threads, same rows): 6,041 users 2.9 s against 1.2 s
+# for every block against every user; 69,879 users 162 s against 210 s.
+SYMMETRIC_MIN_USERS = 40_000
 
 
 # --- configs ------------------------------------------------------------------------------
@@ -136,15 +141,16 @@ def _block_pearson(
     return sim, common
 
 
-def _block_cosine(cn: sp.csr_matrix, ones: sp.csr_matrix, shrink: float, lo: int, hi: int) -> np.ndarray:
-    """Shrunk cosine ``[hi - lo, n_users]`` of users ``lo:hi`` against every user, in float32
-    from the row-normalised ``cn``; the co-rated counts in ``ones``' integer dtype (int16 when
-    every row is shorter than 32,768: exact, and twice as fast as float32)."""
-    dot = np.asarray(cn @ cn[lo:hi].toarray().T)  # [n_users, b]
-    common = np.asarray(ones @ ones[lo:hi].toarray().T)
+def _cosine(rows: sp.csr_matrix, counts: sp.csr_matrix, block: sp.csr_matrix, block_counts: sp.csr_matrix,
+            shrink: float) -> np.ndarray:  # fmt: skip
+    """Shrunk cosine ``[n_rows, b]`` of the row-normalised ``rows`` against the users of
+    ``block``, in float32; the co-rated counts in the counts' integer dtype (int16 when every
+    row is shorter than 32,768: exact, and twice as fast as float32)."""
+    dot = np.asarray(rows @ block.toarray().T)
+    common = np.asarray(counts @ block_counts.toarray().T)
     w = np.add(common, shrink + 1e-12, dtype=np.float32)
     np.divide(common, w, out=w)
-    return np.multiply(dot.T, w.T, order="C")
+    return np.multiply(dot, w, dtype=np.float32)
 
 
 def _top_k(sim: np.ndarray, cand: np.ndarray, k: int, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +185,17 @@ def user_similarity_topk(
     cn.data *= np.repeat(inv_norm, np.diff(c.indptr)).astype(np.float32)
     counts = ones.astype(np.int16 if np.diff(c.indptr).max(initial=0) < 2**15 else np.int32)
 
-    def block(lo: int) -> tuple[np.ndarray, np.ndarray]:
+    if similarity == "cosine" and n_users >= SYMMETRIC_MIN_USERS:
+        # each pair's product once, the upper triangle (models/symmetric_topk.py)
+        def products(rows: sp.csr_matrix, rows_counts: sp.csr_matrix, lo: int, hi: int) -> np.ndarray:
+            return _cosine(rows, rows_counts, rows[: hi - lo], rows_counts[: hi - lo], shrink)
+
+        return symmetric_topk(products, cn, counts, k, block_size, torch.get_num_threads())
+
+    def block(lo: int) -> tuple[np.ndarray, np.ndarray]:  # this block against every user
         hi = min(lo + block_size, n_users)
         if similarity == "cosine":
-            sim = _block_cosine(cn, counts, shrink, lo, hi)
+            sim = np.ascontiguousarray(_cosine(cn, counts, cn[lo:hi], counts[lo:hi], shrink).T)
         else:
             sim, common = _block_pearson(c, ones, c2, lo, hi)
             sim *= common / (common + shrink + 1e-12)

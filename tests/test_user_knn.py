@@ -268,3 +268,29 @@ def test_float32_blocks_match_float64_brute_force_on_more_users():
     idx, sim = user_knn.user_similarity_topk(sp.csr_matrix(dense), 5, 5.0, "cosine", block_size=70)
     for u in range(70):
         np.testing.assert_allclose(sim[u], np.sort(truth[u])[::-1][:5], atol=1e-6)
+
+
+@pytest.mark.parametrize("merge_min", [1, 1 << 30])
+def test_symmetric_cosine_merging_often_or_once_equals_brute_force(monkeypatch, merge_min):
+    """The cosine path multiplies each pair once (upper triangle) and merges candidates into
+    running top-k lists whose k-th value filters later candidates: merged after every block or
+    only at the end, each user's list is the brute-force top k, ties by lower index."""
+    from models import symmetric_topk
+
+    monkeypatch.setattr(symmetric_topk, "MERGE_MIN", merge_min)
+    monkeypatch.setattr(user_knn, "SYMMETRIC_MIN_USERS", 0)
+    dense = random_ratings(90, 30, 0.3, seed=11)
+    truth = brute_force_user_similarity(dense, shrink=4.0, similarity="cosine")
+    for k, block in ((7, 8), (7, 1), (89, 13)):
+        idx, sim = user_knn.user_similarity_topk(sp.csr_matrix(dense), k, 4.0, "cosine", block_size=block)
+        for u in range(90):
+            row = truth[u]
+            order = np.lexsort((np.arange(90), -row))[:k]
+            want = [v for v in order if row[v] > 1e-6]  # float32 may leave ~1e-8 where truth is 0
+            got = idx[u][: len(want)]
+            # the k best values, each the true similarity of the neighbour it names, no repeats
+            # (float32 may swap two neighbours whose float64 values differ by ~1e-8)
+            np.testing.assert_allclose(sim[u][: len(want)], row[want], atol=1e-6)
+            np.testing.assert_allclose(sim[u][: len(want)], row[got], atol=1e-6)
+            assert len(set(got.tolist())) == len(want) and u not in got, (k, block, u)
+            assert (sim[u][len(want) :] < 1e-6).all(), (k, block, u)
