@@ -25,6 +25,7 @@ import torch
 from torch.export import Dim
 
 from common.io import fsync_dir, publishable_mode
+from export import torch_registry
 
 # Pinned so a torch upgrade cannot silently change the operator set the serving runtimes must
 # support (torch 2.13 defaults to 20). 18 is torch 2.13's TORCHLIB_OPSET: the lowest opset the
@@ -155,41 +156,6 @@ def _quiet_torch_onnx_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _shared_torchlib_registry() -> Iterator[None]:
-    """Build torch's ATen -> ONNX function registry once per process, not once per export.
-
-    ``torch.onnx.export(dynamo=True)`` rebuilds it from torchlib on every call (about 1 s of
-    each export here, most of a small family's). Built, it is only read during an export (no
-    ``custom_translation_table`` is passed), so one per opset serves them all; the exported
-    files are byte-identical. Falls back to torch's own behaviour if that internal moves."""
-    try:
-        from torch.onnx._internal.exporter import _registration
-    except ImportError:
-        yield
-        return
-    registry_cls = getattr(_registration, "ONNXRegistry", None)
-    original = vars(registry_cls).get("from_torchlib") if registry_cls is not None else None
-    if not isinstance(original, classmethod):
-        yield
-        return
-
-    def cached(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in _TORCHLIB_REGISTRIES:
-            _TORCHLIB_REGISTRIES[key] = original.__get__(None, cls)(*args, **kwargs)
-        return _TORCHLIB_REGISTRIES[key]
-
-    registry_cls.from_torchlib = classmethod(cached)
-    try:
-        yield
-    finally:
-        registry_cls.from_torchlib = original
-
-
-_TORCHLIB_REGISTRIES: dict = {}
-
-
 def _torch_export(
     scorer: torch.nn.Module,
     spec: ExportSpecLike,
@@ -213,8 +179,8 @@ def _torch_export(
             # one path through Python control flow, so such a forward must be branch-free on
             # data; the parity gate's unknown-id / history cases are what catch a wrong trace.
             options = {"dynamo": False, "dynamic_axes": _dynamic_axes(spec)}
-        shared = _shared_torchlib_registry() if exporter == "dynamo" else contextlib.nullcontext()
-        with shared:
+        dynamo = exporter == "dynamo"
+        with torch_registry.shared_torchlib_registry() if dynamo else contextlib.nullcontext():
             torch.onnx.export(scorer, args, str(tmp), input_names=input_names, output_names=output_names,
                               opset_version=OPSET, **options)  # fmt: skip
 

@@ -444,7 +444,7 @@ def test_torch_registry_is_built_once_and_the_files_are_the_same(tmp_path: Path,
 
     from torch.onnx._internal.exporter import _registration
 
-    import export.onnx_export as onnx_export
+    from export import torch_registry
 
     toy = TOYS["history"]
     built = []
@@ -455,11 +455,11 @@ def test_torch_registry_is_built_once_and_the_files_are_the_same(tmp_path: Path,
         return original.__get__(None, cls)(*args, **kwargs)
 
     monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
-    monkeypatch.setattr(onnx_export, "_TORCHLIB_REGISTRIES", {})
+    monkeypatch.setattr(torch_registry, "_TORCHLIB_REGISTRIES", {})
     shared = [export_onnx(toy.scorer, toy.spec, tmp_path / f"shared{i}.onnx") for i in range(2)]
     assert len(built) == 1, "the second export reused the first one's registry"
     assert vars(_registration.ONNXRegistry)["from_torchlib"].__func__ is counting, "restored afterwards"
-    monkeypatch.setattr(onnx_export, "_shared_torchlib_registry", contextlib.nullcontext)
+    monkeypatch.setattr(torch_registry, "shared_torchlib_registry", contextlib.nullcontext)
     own = export_onnx(toy.scorer, toy.spec, tmp_path / "own.onnx")
     assert len(built) == 2
     graphs = {onnx.load(str(p)).graph.SerializeToString() for p in (*shared, own)}
