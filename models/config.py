@@ -9,6 +9,7 @@ is the most expensive kind of config bug.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -90,3 +91,9 @@ def parse_config(cls: type, mapping: Mapping[str, Any] | None = None):
         return cls(**values)
     except (TypeError, ValueError) as e:  # __post_init__ range checks
         raise ConfigError(f"family {family!r}: {e}") from e
+
+
+def config_values(config: Any) -> dict:
+    """A config dataclass (or mapping) as plain JSON values (tuples become lists)."""
+    raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return json.loads(json.dumps(raw, default=str))

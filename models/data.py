@@ -104,16 +104,18 @@ class Snapshot:
     def ctr(self, split: str, max_history: int | None = None) -> CtrArrays:
         # Only the columns ctr_arrays reads: with max_history=1 the 50-long history lists are
         # not decoded at all (at 25M rows they alone took the CTR baselines past 14 GiB).
-        columns = [*self.ctr_columns(max_history), "split"]
-        t = pq.read_table(self.path / "fct_ctr_samples.parquet", columns=columns)
-        mask = np.asarray(t.column("split").to_numpy(zero_copy_only=False) == split)
-        return ctr_arrays(t.filter(mask), self.meta, max_history)
+        rows = self._split_rows("fct_ctr_samples", split, self.ctr_columns(max_history))
+        return ctr_arrays(rows, self.meta, max_history)
+
+    def _split_rows(self, name: str, split: str, columns: list[str]) -> pa.Table:
+        """Only ``columns`` of ``<name>.parquet``, the rows of ``split``, in file order."""
+        t = pq.read_table(self.path / f"{name}.parquet", columns=[*columns, "split"])
+        return t.filter(np.asarray(t.column("split").to_numpy(zero_copy_only=False) == split))
 
     def split_columns(self, name: str, split: str, columns: list[str]) -> dict[str, np.ndarray]:
         """Only ``columns`` of ``<name>.parquet``'s ``split`` rows, as numpy arrays in file order."""
-        t = pq.read_table(self.path / f"{name}.parquet", columns=[*columns, "split"])
-        mask = np.asarray(t.column("split").to_numpy(zero_copy_only=False) == split)
-        return {c: t.column(c).to_numpy()[mask] for c in columns}
+        t = self._split_rows(name, split, columns)
+        return {c: t.column(c).to_numpy() for c in columns}
 
     def ctr_columns(self, max_history: int | None = None) -> list[str]:
         """The fct_ctr_samples columns ``ctr_arrays`` reads; the histories only when

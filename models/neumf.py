@@ -14,16 +14,16 @@ contract and fallbacks otherwise: the NCF family's, ``models/ncf.py``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from models import gmf, ncf_mlp
 from models.base import TrainedModel
+from models.config import config_values
 from models.data import Snapshot
 from models.ncf import Log, MLPTower, NCFModel, NCFScorer, check_dropout, embedding, ncf_meta, train_ncf
 from models.runtime import Budget
@@ -158,7 +158,7 @@ class NeuMF(NCFModel):
 
 def _comparable(config) -> dict:
     """A config as JSON values, without the time budget (a half fitted without one is as good)."""
-    values = json.loads(json.dumps(asdict(config) if not isinstance(config, Mapping) else dict(config)))
+    values = config_values(config)
     values.pop("max_minutes", None)
     return values
 

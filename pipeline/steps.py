@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from export.family_export import export_family
 from export.registry import Blessing, Promotion, bless, promote_blessed
 from models.base import CONFIG_FILE, WEIGHTS_FILE
 from models.catalogue import Family
-from models.config import parse_config
+from models.config import config_values, parse_config
 from models.runtime import Runtime, resolve_device
 from pipeline import torchrun
 from pipeline.family_config import family_configs
@@ -85,9 +85,7 @@ def in_use(settings: Settings, family: str, *inputs: str | Path) -> Iterator[Non
         yield
 
 
-def jsonable(config: Any) -> dict:
-    """A config dataclass (or mapping) as plain JSON values."""
-    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else dict(config), default=str))
+jsonable = config_values  # a config dataclass (or mapping) as plain JSON values
 
 
 
