@@ -97,6 +97,29 @@ def test_dbt_build_every_split(ml100k_warehouse, tmp_path, split):
 
 
 @pytest.mark.slow
+def test_history_recompute_checks_picked_events_against_all_earlier_ones(ml100k_warehouse, tmp_path):
+    """assert_history_matches_recompute recomputes at most var history_check_events_per_user
+    events per sampled user, each against every earlier event of that user: with 3 picked of
+    30, correct histories pass (they would not if only the picked events counted as earlier),
+    and misordered histories fail at the default cap and at 3."""
+    target = tmp_path / "target"
+    assert _dbt(["build"], ml100k_warehouse, target).returncode == 0
+    check = ["test", "--select", "assert_history_matches_recompute"]
+    done = _dbt(check, ml100k_warehouse, target, {"history_check_events_per_user": 3})
+    assert done.returncode == 0, done.stdout[-4000:]
+    con = duckdb.connect(str(ml100k_warehouse))
+    con.execute("UPDATE int_user_history SET history_item_idx = list_reverse(history_item_idx) "
+                "WHERE history_len >= 2")  # fmt: skip
+    con.close()
+    for dbt_vars in (None, {"history_check_events_per_user": 3}):
+        done = _dbt(check, ml100k_warehouse, target, dbt_vars)
+        assert done.returncode != 0, done.stdout[-4000:]
+        assert set(_results(target).values()) == {"fail"}
+    done = _dbt(check, ml100k_warehouse, target, {"history_check_events_per_user": 0})
+    assert done.returncode != 0 and "history_check_events_per_user must be an integer >= 1" in done.stdout
+
+
+@pytest.mark.slow
 def test_layout_without_user_table(tmp_path):
     root = write_ml_latest(tmp_path / "ml-latest-small", toy(half_stars=True))
     con = connect(tmp_path / "w.duckdb")

@@ -48,8 +48,9 @@
 {#
   Standard SQL (Postgres, Trino, ...): frame offsets must be constants there, so the history
   is a self-join on strictly earlier events ranked by recency, then an ordered array_agg.
+  `earlier_relation` (default: `relation`) is where the earlier events come from.
 #}
-{% macro default__user_history(relation, history_len) -%}
+{% macro default__user_history(relation, history_len, earlier_relation=none) -%}
     select
         events.*,
         history.history_item_idx,
@@ -72,7 +73,7 @@
                     order by earlier_event.ts desc, earlier_event.event_id desc
                 ) as recency
             from {{ relation }} as current_event
-            inner join {{ relation }} as earlier_event
+            inner join {{ earlier_relation or relation }} as earlier_event
                 on earlier_event.user_id = current_event.user_id
                 and earlier_event.ts < current_event.ts
         ) as candidates
@@ -134,19 +135,22 @@
 
 
 {#
-  user_history_reference(relation, history_len): the straightforward recompute the test
-  assert_history_matches_recompute compares the built history with. DuckDB and standard SQL
-  use default__user_history; Spark has no ordered array_agg, so it sorts collected structs.
+  user_history_reference(relation, history_len, earlier_relation=none): the straightforward
+  recompute the test assert_history_matches_recompute compares the built history with. DuckDB
+  and standard SQL use default__user_history; Spark has no ordered array_agg, so it sorts
+  collected structs. With `earlier_relation`, the histories of the events in `relation` are
+  taken from the events of `earlier_relation` (a superset holding every event of their users),
+  so a test can check some events of a user against all of that user's events.
 #}
-{% macro user_history_reference(relation, history_len) -%}
-  {{ return(adapter.dispatch('user_history_reference', 'recsys')(relation, history_len)) }}
+{% macro user_history_reference(relation, history_len, earlier_relation=none) -%}
+  {{ return(adapter.dispatch('user_history_reference', 'recsys')(relation, history_len, earlier_relation)) }}
 {%- endmacro %}
 
-{% macro default__user_history_reference(relation, history_len) -%}
-  {{ recsys.default__user_history(relation, history_len) }}
+{% macro default__user_history_reference(relation, history_len, earlier_relation=none) -%}
+  {{ recsys.default__user_history(relation, history_len, earlier_relation) }}
 {%- endmacro %}
 
-{% macro spark__user_history_reference(relation, history_len) -%}
+{% macro spark__user_history_reference(relation, history_len, earlier_relation=none) -%}
     select
         events.*,
         history.history_item_idx,
@@ -174,7 +178,7 @@
                     order by earlier_event.ts desc, earlier_event.event_id desc
                 ) as recency
             from {{ relation }} as current_event
-            inner join {{ relation }} as earlier_event
+            inner join {{ earlier_relation or relation }} as earlier_event
                 on earlier_event.user_id = current_event.user_id
                 and earlier_event.ts < current_event.ts
         ) as candidates
