@@ -315,6 +315,7 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> CDAE:
             log=log,
             prepare=lambda batch: build(batch[0].numpy()),  # on the CPU, before the move to the device
             max_minutes=config.max_minutes,
+            sparse=False,  # the encoder's bag and the L2 term read the whole of W and W'
         )
     meta = {"n_users": snapshot.n_users, "n_items": snapshot.n_items}
     return CDAE(config, module.eval(), meta, history)

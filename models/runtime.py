@@ -26,6 +26,12 @@ DEVICES = ("auto", "cpu", "cuda")
 # histories) and holds the whole default data set (80k train rows), whose order is then the
 # in-memory loop's exactly.
 DEFAULT_BUFFER_ROWS = 1 << 18
+# Embedding tables with at least this many rows train with sparse gradients and a lazy Adam
+# (``models.train.make_optimizer``): dense Adam updates every row of every table at every step,
+# so its step time grows with the catalogue (a 221k-row table: 74 ms against 7.7 ms per step),
+# while below ~10k rows the dense step is the faster one (BENCHMARKS.md, "Sparse embedding
+# gradients"). The default data's tables (under 3k rows) stay dense.
+DEFAULT_SPARSE_MIN_ROWS = 20_000
 
 
 class DeviceUnavailable(RuntimeError):
@@ -67,11 +73,16 @@ class Runtime:
     buffer_rows: int = DEFAULT_BUFFER_ROWS
     rank: int = 0
     world_size: int = 1
+    # tables of at least this many rows get sparse gradients (0: none); one process only, as
+    # DistributedDataParallel's NCCL all-reduce takes dense gradients
+    sparse_min_rows: int = DEFAULT_SPARSE_MIN_ROWS
     clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self):
         if self.threads < 1 or self.buffer_rows < 1:
             raise ValueError(f"threads and buffer_rows must be >= 1, got {self.threads}, {self.buffer_rows}")
+        if self.sparse_min_rows < 0:
+            raise ValueError(f"sparse_min_rows must be >= 0 (0: none), got {self.sparse_min_rows}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
 
@@ -86,11 +97,17 @@ class Runtime:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
+    @property
+    def sparse_rows(self) -> int:
+        """The sparse-gradient threshold in effect: 0 (none) with more than one process."""
+        return self.sparse_min_rows if self.world_size == 1 else 0
+
     def describe(self) -> dict:
         amp = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         return {"device": self.device, "threads": self.threads, "amp": amp,
                 "rows": "stream" if self.stream else "memory", "buffer_rows": self.buffer_rows,
-                "rank": self.rank, "world_size": self.world_size}  # fmt: skip
+                "rank": self.rank, "world_size": self.world_size,
+                "sparse_min_rows": self.sparse_rows}  # fmt: skip
 
     def key(self) -> dict:
         """What of the runtime changes the trained weights (the reuse cache keys on it)."""
@@ -149,9 +166,10 @@ class Budget:
 
 class Stepper:
     """One optimiser step: the loss under autocast with a GradScaler (fp16) on CUDA, plain float32
-    elsewhere (so CPU training is bit-identical to a loop without this class)."""
+    elsewhere (so CPU training is bit-identical to a loop without this class). ``optimizer`` may be
+    a ``models.train.Optimizers`` (a lazy Adam for sparse tables beside Adam for the rest)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, runtime: Runtime):
+    def __init__(self, optimizer, runtime: Runtime):
         self.optimizer = optimizer
         self.dtype = runtime.amp_dtype
         self.device_type = runtime.torch_device.type
@@ -169,7 +187,8 @@ class Stepper:
             self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
+            for optimizer in getattr(self.optimizer, "optimizers", [self.optimizer]):
+                self.scaler.step(optimizer)
             self.scaler.update()
 
 

@@ -98,12 +98,65 @@ def format_row(family: str, row: dict) -> str:
     )
 
 
-def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                   sparse: Sequence[nn.Parameter] = ()):  # fmt: skip
+    """Adam or SGD over ``params``. With ``sparse`` (weights of tables that give sparse gradients,
+    ``sparse_tables``; Adam only) those go to ``torch.optim.SparseAdam``, a lazy Adam: only the
+    rows a batch touched update their moments and move, where dense Adam moves every row at every
+    step. Same betas, eps and learning rate; the rest stays with Adam."""
+    if name not in ("adam", "sgd"):
+        raise ValueError(f"optimizer {name!r} is not one of 'adam', 'sgd'")
+    if sparse:
+        if name != "adam" or weight_decay:
+            raise ValueError("sparse embedding gradients need Adam without weight_decay")
+        lazy = {id(p) for p in sparse}
+        dense = [p for p in params if id(p) not in lazy]
+        optimizers = [torch.optim.SparseAdam(list(sparse), lr=lr)]
+        return Optimizers([torch.optim.Adam(dense, lr=lr), *optimizers] if dense else optimizers)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer {name!r} is not one of 'adam', 'sgd'")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class Optimizers:
+    """Several optimisers stepped as one (``Stepper`` steps each through its GradScaler on CUDA)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def sparse_tables(module: nn.Module, min_rows: int) -> dict[str, nn.Embedding]:
+    """The module's ``nn.Embedding`` tables of at least ``min_rows`` rows (none when 0), by name.
+    Only for tables the loss reads by lookup: a family whose loss also reads a table's whole
+    weight (cdae's reconstruction) trains with ``sparse=False``."""
+    if min_rows <= 0:
+        return {}
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Embedding) and m.num_embeddings >= min_rows and m.max_norm is None
+    }
+
+
+@contextmanager
+def sparse_gradients(tables: dict[str, nn.Embedding]):
+    """Lookups into ``tables`` give sparse gradients while training; plain tables again after
+    (the saved module, the export and the parity gate never see the flag)."""
+    for table in tables.values():
+        table.sparse = True
+    try:
+        yield
+    finally:
+        for table in tables.values():
+            table.sparse = False
 
 
 # On CUDA a finiteness check syncs the device; check every this many batches (and at epoch end).
@@ -137,6 +190,7 @@ def train_torch(
     log: Log = print,
     prepare: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]] | None = None,
     max_minutes: float | None = None,
+    sparse: bool = True,
 ) -> list[dict]:
     """Mini-batch training with early stopping and an optional time budget; restores the best
     epoch's weights and returns the module on the CPU, in eval mode.
@@ -154,6 +208,11 @@ def train_torch(
     Either way the best validated weights are kept and the loop's report (``record_loop``) says
     ``budget_hit: true``. Returns one history row per validated epoch.
 
+    Sparse tables: with Adam (no weight decay) in one process, embedding tables of at least the
+    runtime's ``sparse_min_rows`` rows train with sparse gradients and a lazy Adam
+    (``make_optimizer``); the report names them (``sparse_tables``). ``sparse=False`` keeps every
+    table dense (a loss that reads a whole table's weight).
+
     With ``world_size`` > 1 processes (``models.distributed.Ranks``), ``batch_size`` is the global
     batch: each rank steps on its part of it; ``evaluate`` runs on rank 0 only; the history's loss
     and rows are over every rank, and every rank returns the same (best) weights.
@@ -165,63 +224,70 @@ def train_torch(
     device = rt.torch_device
     torch.manual_seed(seed)
     module.to(device)
-    opt = make_optimizer(module.parameters(), optimizer, lr, momentum, weight_decay)
+    lazy = sparse_tables(module, rt.sparse_rows if sparse and optimizer == "adam" and not weight_decay else 0)
+    opt = make_optimizer(list(module.parameters()), optimizer, lr, momentum, weight_decay,
+                         sparse=[t.weight for t in lazy.values()])  # fmt: skip
     stepper = Stepper(opt, rt)
     budget = Budget(max_minutes, rt.clock)
     ranks = Ranks(rt, module, loss_fn, seed, family)
     history: list[dict] = []
     best, best_state, bad, stopped = None, state_copy(module), 0, "epochs"
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        module.train()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        seen, cut = 0, False
-        for k, (batch, weight) in enumerate(ranks.batches(rows, epoch, batch_size)):
-            n = len(batch[0])
-            batch = to_device(prepare(batch) if prepare else batch, device)
-            with stepper.autocast():
-                loss = ranks.loss(batch)
-            if device.type == "cpu" or k % CHECK_EVERY == 0:
-                _check_finite(loss, family, epoch, lr)
-            stepper.step(loss if weight == 1.0 else loss * weight)
-            total += loss.detach().double() * n
-            seen += n
-            if ranks.budget_out(budget, k):
-                cut = True
+    with sparse_gradients(lazy):
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            module.train()
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            seen, cut = 0, False
+            for k, (batch, weight) in enumerate(ranks.batches(rows, epoch, batch_size)):
+                n = len(batch[0])
+                batch = to_device(prepare(batch) if prepare else batch, device)
+                with stepper.autocast():
+                    loss = ranks.loss(batch)
+                if device.type == "cpu" or k % CHECK_EVERY == 0:
+                    _check_finite(loss, family, epoch, lr)
+                stepper.step(loss if weight == 1.0 else loss * weight)
+                total += loss.detach().double() * n
+                seen += n
+                if ranks.budget_out(budget, k):
+                    cut = True
+                    break
+            total, seen = ranks.summed(total, seen)
+            _check_finite(total, family, epoch, lr)
+            if cut and best is not None:
+                kept = history[_best_index(history, higher_is_better)]["epoch"]
+                log(
+                    f"[{family}] time budget of {max_minutes} min ran out in epoch {epoch}; "
+                    f"keeping epoch {kept}"
+                )
+                stopped = "budget"
                 break
-        total, seen = ranks.summed(total, seen)
-        _check_finite(total, family, epoch, lr)
-        if cut and best is not None:
-            kept = history[_best_index(history, higher_is_better)]["epoch"]
-            log(f"[{family}] time budget of {max_minutes} min ran out in epoch {epoch}; keeping epoch {kept}")
-            stopped = "budget"
-            break
-        module.eval()
-        with torch.no_grad():
-            metric = ranks.metric(evaluate)
-        seconds = time.perf_counter() - start
-        row = history_row(epoch, total.item() / seen, metric, metric_name, seen, seconds)
-        history.append(row)
-        log(format_row(family, row))
-        improved = best is None or (metric > best if higher_is_better else metric < best)
-        if improved:
-            best, best_state, bad = metric, state_copy(module), 0
-        else:
-            bad += 1
-            if bad >= patience:
-                log(f"[{family}] early stop: no better valid_{metric_name} for {patience} epochs")
-                stopped = "early_stop"
+            module.eval()
+            with torch.no_grad():
+                metric = ranks.metric(evaluate)
+            seconds = time.perf_counter() - start
+            row = history_row(epoch, total.item() / seen, metric, metric_name, seen, seconds)
+            history.append(row)
+            log(format_row(family, row))
+            improved = best is None or (metric > best if higher_is_better else metric < best)
+            if improved:
+                best, best_state, bad = metric, state_copy(module), 0
+            else:
+                bad += 1
+                if bad >= patience:
+                    log(f"[{family}] early stop: no better valid_{metric_name} for {patience} epochs")
+                    stopped = "early_stop"
+                    break
+            if ranks.budget_out(budget):
+                note = " (cut short: its weights so far were validated)" if cut else ""
+                log(f"[{family}] time budget of {max_minutes} min ran out after epoch {epoch}{note}")
+                stopped = "budget"
                 break
-        if ranks.budget_out(budget):
-            note = " (cut short: its weights so far were validated)" if cut else ""
-            log(f"[{family}] time budget of {max_minutes} min ran out after epoch {epoch}{note}")
-            stopped = "budget"
-            break
     module.to("cpu")
     module.load_state_dict(best_state)
     module.eval()
     log(f"[{family}] best valid_{metric_name} {best:.4f}")
-    record_loop({**loop_report(family, history, higher_is_better, stopped, budget, rt), **ranks.report()})
+    report = loop_report(family, history, higher_is_better, stopped, budget, rt, sparse=lazy)
+    record_loop({**report, **ranks.report()})
     return history
 
 
@@ -236,9 +302,12 @@ def _best_index(history: list[dict], higher_is_better: bool) -> int:
 
 
 def loop_report(
-    family: str, history: list[dict], higher_is_better: bool, stopped: str, budget: Budget, rt: Runtime
-) -> dict:
-    """One training loop's summary for the model's metadata (``pipeline.steps.train``)."""
+    family: str, history: list[dict], higher_is_better: bool, stopped: str, budget: Budget, rt: Runtime,
+    sparse: Sequence[str] = (),
+) -> dict:  # fmt: skip
+    """One training loop's summary for the model's metadata (``pipeline.steps.train``); ``sparse``
+    names the tables that trained with sparse gradients."""
     best = history[_best_index(history, higher_is_better)]["epoch"] if history else None
     return {"family": family, "epochs": len(history), "best_epoch": best, "stopped": stopped,
-            "budget_hit": budget.hit, "max_minutes": budget.max_minutes, "device": rt.device}  # fmt: skip
+            "budget_hit": budget.hit, "max_minutes": budget.max_minutes, "device": rt.device,
+            "sparse_tables": sorted(sparse)}  # fmt: skip

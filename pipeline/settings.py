@@ -23,6 +23,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_DEVICE`` | ``auto`` | torch training: ``auto`` (CUDA if present) \\| ``cpu`` \\| ``cuda[:N]`` |
 | ``RECSYS_TORCH_THREADS`` | 1 | CPU threads of torch training (BENCHMARKS.md, "Training threads") |
 | ``RECSYS_STREAM_BUFFER_ROWS`` | 262144 | rows the streaming loader shuffles together (memory ~ this) |
+| ``RECSYS_SPARSE_MIN_ROWS`` | 20000 | tables this large: sparse gradients, lazy Adam (0: none) |
 | ``RECSYS_TRAIN_PROCS`` | 1 | processes per gradient-trained fit; > 1: DDP under ``torchrun`` |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 | ``RECSYS_WAREHOUSE`` | ``duckdb`` | where dbt builds: ``duckdb`` \| ``spark`` (warehouse_spark.py) |
@@ -55,6 +56,7 @@ SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N; resolved against torch at training time
 DEFAULT_STREAM_BUFFER_ROWS = 1 << 18  # = models.runtime.DEFAULT_BUFFER_ROWS (not imported: torch)
+DEFAULT_SPARSE_MIN_ROWS = 20_000  # = models.runtime.DEFAULT_SPARSE_MIN_ROWS
 # The input guards' defaults (reasons beside them in ingest/guards.py):
 # 1 MiB per text line, 8 GiB unpacked per compressed file, 10,000 members per MovieLens zip,
 # 1,000 rejected rows kept per reason.
@@ -170,6 +172,7 @@ class Settings:
     device: str = "auto"
     torch_threads: int = 1
     stream_buffer_rows: int = DEFAULT_STREAM_BUFFER_ROWS
+    sparse_min_rows: int = DEFAULT_SPARSE_MIN_ROWS
     # 1: train in the step's own process (as always); N > 1: a torchrun group of N DDP processes
     # (pipeline/torchrun.py), for the gradient-trained families only
     train_procs: int = 1
@@ -278,6 +281,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         device=device_choice(env.get("RECSYS_DEVICE")),
         torch_threads=_env_int(env, "RECSYS_TORCH_THREADS", 1, 1),
         stream_buffer_rows=_env_int(env, "RECSYS_STREAM_BUFFER_ROWS", DEFAULT_STREAM_BUFFER_ROWS, 1),
+        sparse_min_rows=_env_int(env, "RECSYS_SPARSE_MIN_ROWS", DEFAULT_SPARSE_MIN_ROWS, 0),
         train_procs=_env_int(env, "RECSYS_TRAIN_PROCS", 1, 1),
         families=tuple(f.strip() for f in (env.get("RECSYS_FAMILIES") or "").split(",") if f.strip()),
         max_line_bytes=_env_int(env, "RECSYS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES, 64),

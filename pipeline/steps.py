@@ -110,7 +110,8 @@ def training_runtime(settings: Settings, device: str | None = None, procs: int =
     name = "run config device" if device else "RECSYS_DEVICE"
     choice = device_choice(device, name) if device else settings.device
     runtime = Runtime(device=str(resolve_device(choice, name)), threads=settings.torch_threads,
-                      buffer_rows=settings.stream_buffer_rows, world_size=procs)  # fmt: skip
+                      buffer_rows=settings.stream_buffer_rows, world_size=procs,
+                      sparse_min_rows=settings.sparse_min_rows)  # fmt: skip
     torchrun.check_devices(runtime)
     return runtime
 

@@ -131,7 +131,8 @@ def test_budget_out_mid_epoch_keeps_the_best_validated_epoch(snapshot):
     model, loops = _fit_on_clock(deepfm.fit, snapshot, config, FakeClock())
     assert [r["epoch"] for r in model.history] == [1]
     assert loops == [{"family": "deepfm", "epochs": 1, "best_epoch": 1, "stopped": "budget",
-                      "budget_hit": True, "max_minutes": 3.5 / 60, "device": "cpu"}]  # fmt: skip
+                      "budget_hit": True, "max_minutes": 3.5 / 60, "device": "cpu",
+                      "sparse_tables": []}]  # fmt: skip
     # the partial second epoch was dropped: the weights are epoch 1's, as a 1-epoch fit gives
     one_epoch, _ = _fit_on_clock(deepfm.fit, snapshot, deepfm.Config(epochs=1), FakeClock())
     assert _same(_weights(model), _weights(one_epoch))
