@@ -107,6 +107,13 @@ class MLPTower(nn.Module):
     def pair(self, u, i):
         return self.mlp(torch.cat([self.user(u), self.item(i)], dim=-1))
 
+    def all_row_bytes(self) -> int:
+        """What ``all`` holds per user at its peak: every item's two widest consecutive
+        activations in float32 (``models.topk.score_users`` sizes its batches from it)."""
+        widths = [m.out_features for m in self.mlp.net if isinstance(m, nn.Linear)]
+        peak = max((a + b for a, b in zip(widths, widths[1:], strict=False)), default=widths[0])
+        return 4 * peak * self.item.num_embeddings
+
     def all(self, u):
         first, rest = self.mlp.net[0], self.mlp.net[1:]
         d = self.embed_dim

@@ -58,6 +58,9 @@ class MLPModule(NCFScorer):
     def all_scores(self, u):
         return self.predict(self.tower.all(u)).squeeze(-1)
 
+    def score_row_bytes(self) -> int:
+        return self.tower.all_row_bytes()
+
     def embedding_tables(self, u, i):
         return ((self.tower.user, u), (self.tower.item, i))
 

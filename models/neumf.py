@@ -109,6 +109,9 @@ class NeuMFModule(NCFScorer):
         mlp = self.tower.all(u) @ w_m  # [B, n_items]
         return gmf + mlp + self.predict.bias
 
+    def score_row_bytes(self) -> int:
+        return self.tower.all_row_bytes()
+
     def embedding_tables(self, u, i):
         return ((self.gmf_user, u), (self.gmf_item, i), (self.tower.user, u), (self.tower.item, i))
 

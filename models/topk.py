@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common.budget import DEFAULT_SCORE_MEMORY_BYTES
 from common.metrics import ranking_metrics
 from models.data import Snapshot
 from models.runtime import module_device
@@ -137,8 +138,14 @@ class NegativeSampler:
 # --- validation -----------------------------------------------------------------------------
 @torch.no_grad()
 def score_users(module: nn.Module, users: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Full-catalogue scores ``[len(users), n_items]`` of a ``user_idx -> scores`` module."""
+    """Full-catalogue scores ``[len(users), n_items]`` of a ``user_idx -> scores`` module, at most
+    ``batch`` users per call, fewer when the module's ``score_row_bytes()`` (what one user's
+    scoring holds at its peak: the NCF towers' [users, items, width] activations) says more would
+    not fit ``DEFAULT_SCORE_MEMORY_BYTES`` (at ML-25M shape 256 users of ncf_mlp took ~10 GB)."""
     module.eval()
+    row_bytes = getattr(module, "score_row_bytes", None)
+    if row_bytes is not None:
+        batch = max(1, min(batch, DEFAULT_SCORE_MEMORY_BYTES // max(row_bytes(), 1)))
     device = module_device(module)
     out = [
         module(torch.from_numpy(users[lo : lo + batch]).to(device)).float().cpu().numpy()

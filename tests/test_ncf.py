@@ -198,3 +198,25 @@ def test_config_unknown_field_is_rejected(cfg_cls, field):
     assert field in str(e.value)
     with pytest.raises(ConfigError, match="finetune_optimizer"):
         parse_config(CATALOGUE["neumf"].config_cls, {"finetune_optimizer": "rmsprop"})
+
+
+@pytest.mark.parametrize("n_items", [1683, 59_048])
+def test_tower_scoring_batches_fit_the_score_memory_budget(n_items):
+    """ncf_mlp/neumf validation scores users against every item through [users, items, width]
+    activations: the batch shrinks with the catalogue (256 users at the default data's 1,683
+    items, as before; a few at ML-25M's 59k), and the scores do not depend on it."""
+    from common.budget import DEFAULT_SCORE_MEMORY_BYTES
+
+    torch.manual_seed(0)
+    modules = [MLPModule(50, n_items, 8, (64, 32, 16)), NeuMFModule(50, n_items, 8, 8, (64, 32, 16))]
+    for module in modules:
+        sizes: list[int] = []
+        module.register_forward_pre_hook(lambda _m, args, seen=sizes: seen.append(len(args[0])))
+        users = np.arange(1, 50, dtype=np.int64).repeat(6)[:260]
+        scores = topk.score_users(module, users)
+        per_user_bytes = module.score_row_bytes()
+        assert max(sizes) * per_user_bytes <= DEFAULT_SCORE_MEMORY_BYTES or max(sizes) == 1
+        assert max(sizes) == (256 if n_items == 1683 else DEFAULT_SCORE_MEMORY_BYTES // per_user_bytes)
+        with torch.no_grad():
+            one = torch.cat([module(torch.from_numpy(users[k : k + 1])) for k in range(0, 260, 37)])
+        assert np.allclose(scores[::37], one.numpy(), rtol=1e-6, atol=1e-6)
