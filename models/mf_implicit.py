@@ -151,7 +151,7 @@ def _unobserved_term(module, u_vec, p, neg, inv_obs_u, n_unobs_u, config):
         v = module.item_factors[1:]
         gram = v.T @ v
         return config.omega0 * (inv_obs_u * ((u_vec @ gram) * u_vec).sum(-1) - p * p)
-    pn = torch.einsum("bd,bkd->bk", u_vec, module.item_factors[neg])
+    pn = torch.einsum("bd,bkd->bk", u_vec, module.rows("item_factors", neg))
     weight = config.omega0 * n_unobs_u * inv_obs_u / neg.shape[1]
     return weight * (pn * pn).sum(-1)
 
@@ -201,6 +201,17 @@ class MFImplicitScorer(UserTopKScorer):
         with torch.no_grad():  # padding rows: never trained (item 0 is never a negative)
             self.user_factors[0].zero_()
             self.item_factors[0].zero_()
+        # names of the factor tables whose lookups give sparse gradients while training (set by
+        # fit from the runtime's sparse_min_rows; models.train.make_optimizer's lazy Adam)
+        self.sparse_tables: frozenset[str] = frozenset()
+
+    def rows(self, table: str, idx: torch.Tensor) -> torch.Tensor:
+        """``<table>[idx]``; an embedding lookup with a sparse gradient when the table trains
+        sparse (indexing otherwise, so a dense fit is unchanged)."""
+        weight = getattr(self, table)
+        if table in self.sparse_tables:
+            return nn.functional.embedding(idx, weight, sparse=True)
+        return weight[idx]
 
     def all_scores(self, u: torch.Tensor) -> torch.Tensor:
         return self.user_factors[u] @ self.item_factors.T  # [B, n_items]
@@ -218,7 +229,7 @@ class MFImplicit(TrainedModel):
         ``batch = (user, item, weight, 1/n_obs_user, 1/n_obs_item, n_unobserved_user, negatives [B, K])``.
         """
         u, i, w, inv_obs_u, inv_obs_i, n_unobs_u, neg = batch
-        u_vec, v_vec = module.user_factors[u], module.item_factors[i]
+        u_vec, v_vec = module.rows("user_factors", u), module.rows("item_factors", i)
         p = (u_vec * v_vec).sum(-1)
         obs = w * (1.0 - p) ** 2
         unobs = _unobserved_term(module, u_vec, p, neg, inv_obs_u, n_unobs_u, config)
@@ -271,7 +282,12 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     device = rt.torch_device
     with deterministic(config.seed):
         module = MFImplicitScorer(n_users, n_items, config.dim, config.init_std).to(device)
-        opt = make_optimizer(module.parameters(), "adam", config.lr)
+        # large tables: sparse gradients and a lazy Adam, as train_torch does for nn.Embedding
+        # tables (the "gramian" term reads the whole item table, which then stays dense)
+        tables = {"user_factors": n_users, "item_factors": n_items if config.unobserved == "sampled" else 0}
+        module.sparse_tables = frozenset(n for n, rows in tables.items() if 0 < rt.sparse_rows <= rows)
+        opt = make_optimizer(list(module.parameters()), "adam", config.lr,
+                             sparse=[getattr(module, n) for n in sorted(module.sparse_tables)])  # fmt: skip
         stepper, budget = Stepper(opt, rt), Budget(config.max_minutes, rt.clock)
         # torchrun: every rank draws the same order and negatives and steps on its part of each batch
         ranks = Ranks(rt, module, lambda m, b: MFImplicit.loss(m, b, config), config.seed, "mf_implicit")
@@ -345,6 +361,8 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     module.eval()
     with torch.no_grad():
         module.popularity.copy_(popularity(snapshot))
-    record_loop({**loop_report("mf_implicit", history, True, stopped, budget, rt), **ranks.report()})
+    sparse, module.sparse_tables = module.sparse_tables, frozenset()
+    report = loop_report("mf_implicit", history, True, stopped, budget, rt, sparse=sparse)
+    record_loop({**report, **ranks.report()})
     meta = {"n_users": n_users, "n_items": n_items}
     return MFImplicit(config, module, meta, history)
