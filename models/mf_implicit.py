@@ -128,22 +128,64 @@ def sample_unobserved(
     m [len] int64)`` with ``m`` the size of each user's unobserved set; users with none
     get item 0 (padding) and ``m = 0``, so their draws carry weight 0.
     """
-    observed = observed.tocsr()
-    observed.sort_indices()
-    n_items = observed.shape[1]
-    indptr = observed.indptr.astype(np.int64)
-    cols = observed.indices.astype(np.int64)
-    counts = np.diff(indptr)
-    row_of = np.repeat(np.arange(observed.shape[0], dtype=np.int64), counts)
-    rank = np.arange(len(cols), dtype=np.int64) - indptr[row_of]
-    stride = np.int64(n_items + 1)
-    keys = row_of * stride + (cols - 1 - rank)  # nondecreasing: per-user g is, users are offset
-    users = np.asarray(users, dtype=np.int64)
-    m = (n_items - 1) - counts[users]
-    r = np.floor(rng.random((len(users), n)) * np.maximum(m, 1)[:, None]).astype(np.int64)
-    below = np.searchsorted(keys, (users * stride)[:, None] + r, side="right") - indptr[users][:, None]
-    items = np.where(m[:, None] > 0, r + 1 + below, 0)
-    return items, m
+    return UnobservedSampler(observed).draw(users, n, rng)
+
+
+# Negatives are drawn this many batches of cells at a time (262,144 cells at the default batch).
+NEGATIVE_CHUNK_BATCHES = 256
+
+
+class UnobservedSampler:
+    """``sample_unobserved`` with its per-matrix index built once, for many draws."""
+
+    def __init__(self, observed: sp.csr_matrix):
+        observed = observed.tocsr()
+        observed.sort_indices()
+        self.n_items = observed.shape[1]
+        self.indptr = observed.indptr.astype(np.int64)
+        cols = observed.indices.astype(np.int64)
+        self.counts = np.diff(self.indptr)
+        row_of = np.repeat(np.arange(observed.shape[0], dtype=np.int64), self.counts)
+        rank = np.arange(len(cols), dtype=np.int64) - self.indptr[row_of]
+        self.stride = np.int64(self.n_items + 1)
+        self.keys = row_of * self.stride + (cols - 1 - rank)  # nondecreasing: per-user g is, users are offset
+
+    def draw(self, users: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        users = np.asarray(users, dtype=np.int64)
+        m = (self.n_items - 1) - self.counts[users]
+        r = np.floor(rng.random((len(users), n)) * np.maximum(m, 1)[:, None]).astype(np.int64)
+        below = np.searchsorted(self.keys, (users * self.stride)[:, None] + r, side="right")
+        items = np.where(m[:, None] > 0, r + 1 + below - self.indptr[users][:, None], 0)
+        return items, m
+
+
+class EpochNegatives:
+    """An epoch's negatives for the cells in ``order``, drawn ``chunk`` cells at a time as the loop
+    reaches them. ``rng.random`` fills its draws in order, so the chunks are the very numbers one
+    draw for the whole epoch gives (bit for bit), with memory for one chunk instead of every cell
+    (at ML-25M shape the whole-epoch draw took minutes and several GB before the first step).
+    Slices must move forward and stay inside a chunk (``chunk`` is a multiple of the batch size),
+    and the loop must reach the end of the epoch before ``rng`` is used again."""
+
+    def __init__(self, sampler: UnobservedSampler, users: np.ndarray, n: int, rng, chunk: int):
+        self.sampler, self.users, self.n, self.rng, self.chunk = sampler, users, n, rng, chunk
+        self.start, self.items = 0, np.zeros((0, n), dtype=np.int64)
+
+    def finish(self) -> None:
+        """Draw what the loop skipped (a last batch with fewer cells than ranks), so the next
+        epoch's draws start where a whole-epoch draw would have left ``rng``."""
+        while self.start + len(self.items) < len(self.users):
+            self[slice(self.start + len(self.items), self.start + len(self.items))]
+
+    def __getitem__(self, cells: slice) -> np.ndarray:
+        while cells.start >= self.start + len(self.items):
+            self.start += len(self.items)
+            users = self.users[self.start : self.start + self.chunk]
+            self.items, _ = self.sampler.draw(users, self.n, self.rng)
+        lo, hi = cells.start - self.start, cells.stop - self.start
+        if lo < 0 or hi > len(self.items):
+            raise IndexError(f"negatives {cells} are not inside the drawn chunk starting at {self.start}")
+        return self.items[lo:hi]
 
 
 def _unobserved_term(module, u_vec, p, neg, inv_obs_u, n_unobs_u, config):
@@ -276,6 +318,7 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     candidates = candidates[candidates > 0]  # unknown users get popularity, not factors
     eval_users = np.sort(rng.choice(candidates, size=min(config.eval_users, len(candidates)), replace=False))
     train_seen = cells.observed
+    sampler, chunk = UnobservedSampler(cells.observed), config.batch_size * NEGATIVE_CHUNK_BATCHES
 
     history: list[dict] = []
     rt = current_runtime()
@@ -297,8 +340,8 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
             t0 = time.perf_counter()
             module.train()
             order = rng.permutation(len(cells))
-            # resampled every epoch, for all cells at once (one vectorised call)
-            negatives, _ = sample_unobserved(cells.observed, cells.user[order], config.n_negatives, rng)
+            # resampled every epoch, NEGATIVE_CHUNK_BATCHES batches of cells at a time
+            negatives = EpochNegatives(sampler, cells.user[order], config.n_negatives, rng, chunk)
             total, seen, cut = torch.zeros((), dtype=torch.float64, device=device), 0, False
             for k, lo in enumerate(range(0, len(cells), config.batch_size)):
                 part = rank_part(len(order[lo : lo + config.batch_size]), rt)
@@ -322,6 +365,8 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
                 if ranks.budget_out(budget, k):  # as models.train.train_torch: validate once at least
                     cut = True
                     break
+            if not cut:
+                negatives.finish()
             total, seen = ranks.summed(total, seen)
             if cut and history:
                 log(f"[mf_implicit] time budget of {config.max_minutes} min ran out in epoch {epoch}")

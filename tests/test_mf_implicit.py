@@ -160,3 +160,26 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="omega0"):
         parse_config(M.Config, {"omega0": 0.0})
     assert parse_config(M.Config, {}) == M.Config()
+
+
+def test_epoch_negatives_in_chunks_are_one_whole_draw(snapshot):
+    """Drawn a chunk at a time as the loop reaches the cells, an epoch's negatives are the same
+    numbers as one draw for every cell, and rng ends where that draw leaves it."""
+    observed = snapshot.train_matrix("ones")
+    users = np.random.default_rng(1).integers(0, snapshot.n_users, 1000)
+    whole_rng, chunk_rng = np.random.default_rng(7), np.random.default_rng(7)
+    whole, _ = M.sample_unobserved(observed, users, 4, whole_rng)
+    negatives = M.EpochNegatives(M.UnobservedSampler(observed), users, 4, chunk_rng, chunk=96)
+    got = np.concatenate([negatives[slice(lo, min(lo + 32, 990))] for lo in range(0, 990, 32)])
+    negatives.finish()  # the last 10 cells, as a loop that skipped its last batch
+    np.testing.assert_array_equal(got, whole[:990])
+    assert whole_rng.random() == chunk_rng.random()
+    with pytest.raises(IndexError, match="inside the drawn chunk"):
+        negatives[slice(0, 32)]  # slices only move forward
+
+
+def test_fit_with_small_negative_chunks_is_the_same_model(snapshot, model, monkeypatch):
+    monkeypatch.setattr(M, "NEGATIVE_CHUNK_BATCHES", 1)  # a chunk per batch
+    again = M.fit(snapshot, model.config, lambda _: None)
+    for name, value in model.module.state_dict().items():
+        assert torch.equal(value, again.module.state_dict()[name]), name
