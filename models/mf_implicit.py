@@ -160,28 +160,31 @@ class UnobservedSampler:
 
 
 class EpochNegatives:
-    """An epoch's negatives for the cells in ``order``, drawn ``chunk`` cells at a time as the loop
-    reaches them. ``rng.random`` fills its draws in order, so the chunks are the very numbers one
-    draw for the whole epoch gives (bit for bit), with memory for one chunk instead of every cell
-    (at ML-25M shape the whole-epoch draw took minutes and several GB before the first step).
-    Slices must move forward and stay inside a chunk (``chunk`` is a multiple of the batch size),
-    and the loop must reach the end of the epoch before ``rng`` is used again."""
+    """An epoch's negatives for the cells whose users are ``users`` (in the epoch's order), drawn
+    ``chunk`` cells at a time as the loop reaches them. ``rng.random`` fills its draws in order,
+    so the chunks are the very numbers one draw for the whole epoch gives (bit for bit), with
+    memory for one chunk instead of every cell (at ML-25M shape the whole-epoch draw took minutes
+    and several GB before the first step). Slices must move forward and stay inside a chunk
+    (``chunk`` is a multiple of the batch size), and the loop must reach the end of the epoch
+    (or call ``finish``) before ``rng`` is used again."""
 
     def __init__(self, sampler: UnobservedSampler, users: np.ndarray, n: int, rng, chunk: int):
         self.sampler, self.users, self.n, self.rng, self.chunk = sampler, users, n, rng, chunk
         self.start, self.items = 0, np.zeros((0, n), dtype=np.int64)
 
+    def _next(self) -> None:
+        self.start += len(self.items)
+        self.items, _ = self.sampler.draw(self.users[self.start : self.start + self.chunk], self.n, self.rng)
+
     def finish(self) -> None:
         """Draw what the loop skipped (a last batch with fewer cells than ranks), so the next
         epoch's draws start where a whole-epoch draw would have left ``rng``."""
         while self.start + len(self.items) < len(self.users):
-            self[slice(self.start + len(self.items), self.start + len(self.items))]
+            self._next()
 
     def __getitem__(self, cells: slice) -> np.ndarray:
         while cells.start >= self.start + len(self.items):
-            self.start += len(self.items)
-            users = self.users[self.start : self.start + self.chunk]
-            self.items, _ = self.sampler.draw(users, self.n, self.rng)
+            self._next()
         lo, hi = cells.start - self.start, cells.stop - self.start
         if lo < 0 or hi > len(self.items):
             raise IndexError(f"negatives {cells} are not inside the drawn chunk starting at {self.start}")
