@@ -40,6 +40,7 @@ from common.budget import DEFAULT_SCORE_MEMORY_BYTES, row_chunks
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.symmetric_topk import symmetric_topk
 from models.train import format_row, history_row
 
 
@@ -87,10 +88,20 @@ def centred_matrix(train: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.
     return centred, means, counts
 
 
+# From this many items up the top-k takes the symmetric path (models/symmetric_topk.py): each
+# item pair's product once, plus merging candidate lists, which costs more than it saves on a
+# small catalogue (see BENCHMARKS.md, "item_knn at ML-25M shape").
+SYMMETRIC_MIN_ITEMS = 20_000
+
+
 def item_similarity_topk(
-    train: sp.csr_matrix, k: int, shrink: float, block_size: int = 512
+    train: sp.csr_matrix, k: int, shrink: float, block_size: int = 512, symmetric: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k positive shrunk adjusted-cosine neighbours per item: ``nbr_idx, nbr_sim [n_items, k]``."""
+    """Top-k positive shrunk adjusted-cosine neighbours per item: ``nbr_idx, nbr_sim [n_items, k]``.
+
+    ``symmetric`` (default: from ``SYMMETRIC_MIN_ITEMS`` items up) multiplies each block of
+    items only against the items after it, on ``torch.get_num_threads()`` threads; ties are then
+    broken by the lower index."""
     centred, _, _ = centred_matrix(train)
     n_items = train.shape[1]
     k = min(k, max(n_items - 1, 1))
@@ -99,6 +110,8 @@ def item_similarity_topk(
     ones.data = np.ones_like(ones.data)
     norms = np.sqrt(np.asarray(cc.multiply(cc).sum(axis=0)).ravel())
     inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    if symmetric if symmetric is not None else n_items >= SYMMETRIC_MIN_ITEMS:
+        return _symmetric_topk(cc, ones, inv, k, shrink, block_size)
     cct, onest = cc.T.tocsr(), ones.T.tocsr()
     nbr_idx = np.zeros((n_items, k), dtype=np.int64)
     nbr_sim = np.zeros((n_items, k), dtype=np.float32)
@@ -118,6 +131,30 @@ def item_similarity_topk(
         nbr_idx[lo:hi] = np.where(keep, top, 0)
         nbr_sim[lo:hi] = np.where(keep, top_sim, 0.0)
     return nbr_idx, nbr_sim
+
+
+def _symmetric_topk(
+    cc: sp.csc_matrix, ones: sp.csc_matrix, inv: np.ndarray, k: int, shrink: float, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same neighbours from the upper triangle of the item x item product. Items are rows of
+    unit-normalised centred columns (the product is the cosine) and co-rater counts in int32
+    (int16 when no item has 32,768 raters: exact, and cheaper). Each block is a sparse x sparse
+    product: a block of items is co-rated with most of the catalogue at scale, so its result is
+    written dense (``block x items`` at most)."""
+    rows = cc.T.tocsr()
+    rows.data *= np.repeat(inv, np.diff(rows.indptr))
+    raters = np.diff(rows.indptr).max(initial=0)
+    counts = ones.T.tocsr().astype(np.int16 if raters < 2**15 else np.int32)
+
+    def products(rows: sp.csr_matrix, rows_counts: sp.csr_matrix, lo: int, hi: int) -> np.ndarray:
+        b = hi - lo
+        dot = (rows @ rows[:b].T.tocsr()).toarray()  # [n_items - lo, b]
+        common = (rows_counts @ rows_counts[:b].T.tocsr()).toarray()
+        w = np.add(common, shrink + 1e-12, dtype=np.float64)
+        np.divide(common, w, out=w)
+        return np.multiply(dot, w, out=dot)
+
+    return symmetric_topk(products, rows, counts, k, block_size, torch.get_num_threads())
 
 
 def history_arrays(

@@ -354,6 +354,23 @@ def test_item_knn_similarity_matches_brute_force():
         np.testing.assert_allclose(sim[i], np.sort(truth[i])[::-1][:3], atol=1e-6)
 
 
+@pytest.mark.parametrize("block_size", [3, 7, 64])
+def test_item_knn_symmetric_path_gives_the_same_neighbours(block_size):
+    """The upper-triangle path (a large catalogue's) against every block times every item."""
+    rng = np.random.default_rng(5)
+    dense = np.where(rng.random((90, 41)) < 0.3, rng.integers(1, 11, (90, 41)) / 2, 0.0)
+    dense[:, 0] = 0  # padding column
+    dense[0] = 0  # padding row
+    train = sp.csr_matrix(dense)
+    idx, sim = item_knn.item_similarity_topk(train, k=6, shrink=2.0, block_size=block_size, symmetric=False)
+    truth = brute_force_similarity(dense, shrink=2.0)
+    assert (sim > 0).sum() > 100  # most items have a full list of positive neighbours
+    np.testing.assert_allclose(np.sort(truth, 1)[:, ::-1][:, :6], sim, atol=1e-6)
+    s_idx, s_sim = item_knn.item_similarity_topk(train, 6, 2.0, block_size=block_size, symmetric=True)
+    np.testing.assert_array_equal(s_idx, idx)
+    np.testing.assert_allclose(s_sim, sim, rtol=1e-6)
+
+
 @pytest.mark.parametrize("prediction", ["item_centred", "seed"])
 def test_item_knn_scorer_equals_numpy_reference(snapshot, prediction):
     model = item_knn.fit(snapshot, item_knn.Config(k=5, prediction=prediction), lambda _: None)
