@@ -40,6 +40,7 @@ from common.budget import DEFAULT_SCORE_MEMORY_BYTES, row_chunks
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
+from models.neighbours import csr_cells, find_sorted
 from models.symmetric_topk import symmetric_topk
 from models.train import format_row, history_row
 
@@ -56,7 +57,7 @@ class Config:
     # (27k items -> ~170 MB at 512), independent of the number of users.
     block_size: int = 512
     # Rows per batch when scoring valid rows during fit (at most; the batch also shrinks so
-    # that batch x k x history x BYTES_PER_CELL stays within the scoring memory budget).
+    # that batch x (history + k) x BYTES_PER_SLOT stays within the scoring memory budget).
     eval_batch: int = 1024
     # "item_centred" (default, see the module docstring) or "seed" (the plain weighted average).
     prediction: str = "item_centred"
@@ -234,20 +235,20 @@ class ItemKNNScorer(nn.Module):
         nbr = self.nbr_idx[item_idx]  # [B, k]
         sim = self.nbr_sim[item_idx]  # [B, k]
         present = hist_item_idx != 0  # [B, L]
-        match = (nbr.unsqueeze(2) == hist_item_idx.unsqueeze(1)) & present.unsqueeze(1)  # [B, k, L]
-        match = match & (nbr != 0).unsqueeze(2)
-        w = match.to(sim.dtype) * sim.unsqueeze(2)  # [B, k, L]
-        hist_safe = torch.where((hist_item_idx >= 0) & (hist_item_idx < n_items), hist_item_idx, 0)
-        deviation = hist_rating - self.centre * self.item_mean[hist_safe]  # [B, L]
+        # Each neighbour's rating is found by a binary search in the history sorted by item:
+        # [B, L] to sort plus [B, k] per search step, where comparing every neighbour with every
+        # history slot held [B, k, L] (hours at ML-25M shape, where histories reach 15k items).
+        rating, found = find_sorted(*torch.sort(hist_item_idx, dim=1), hist_rating, nbr)
+        found = found & (nbr != 0)
+        deviation = rating - self.centre * self.item_mean[nbr]  # [B, k]
+        zero = torch.zeros_like(sim)
         # A row's prediction must not depend on how wide its batch is padded or on who shares
-        # the batch, so that scoring in memory-sized chunks gives exactly the unchunked scores.
-        # One sum over (k, history) regrouped its additions with the padding (predictions moved
-        # by up to ~5e-7), and a reduction over k alone still regrouped with the batch size in
-        # onnxruntime. So: sum over the history, where a neighbour matches at most one slot
-        # (exact in any order), then add the k neighbours in order with a running sum, which
-        # both runtimes compute sequentially.
-        num = (w * deviation.unsqueeze(1)).sum(dim=2).cumsum(dim=1)[:, -1]
-        den = w.abs().sum(dim=2).cumsum(dim=1)[:, -1]
+        # the batch, so that scoring in memory-sized chunks gives exactly the unchunked scores:
+        # the k neighbours are added in order with a running sum, which both runtimes compute
+        # sequentially (a reduction over k regrouped its additions with the batch size in
+        # onnxruntime).
+        num = torch.where(found, sim * deviation, zero).cumsum(dim=1)[:, -1]
+        den = torch.where(found, sim.abs(), zero).cumsum(dim=1)[:, -1]
         n_hist = present.to(hist_rating.dtype).sum(dim=1)
         user_mean = (hist_rating * present.to(hist_rating.dtype)).sum(dim=1) / n_hist.clamp(min=1.0)
         item_mean = self.item_mean[item_idx]
@@ -289,7 +290,7 @@ class ItemKNN(TrainedModel):
             notes=(
                 "hist_* = the user's train ratings, 0-padded (use models.item_knn.history_arrays); "
                 "no neighbour rated -> user's mean over hist, else item train mean, else global "
-                "mean; clipped to meta.rating_range. Memory per call ~ batch * k * history."
+                "mean; clipped to meta.rating_range. Memory per call ~ batch * (history + k)."
             ),
         )
 
@@ -335,10 +336,11 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
     return model
 
 
-# Peak bytes the scorer holds per (row, neighbour, history slot): the bool match masks and
-# the float32 weights and products of ``ItemKNNScorer.forward`` (about 9 measured in torch
-# eager; 16 leaves room for a runtime that keeps more temporaries alive).
-BYTES_PER_CELL = 16
+# Peak bytes the scorer holds per (row, history slot): the sorted history and its order (int64
+# each) beside the inputs; 48 leaves room for a runtime that keeps more temporaries alive.
+# Per (row, neighbour) it holds a few [B, k] tensors, which the history term bounds (k <= L
+# is not assumed: the budget adds them, see ``predict``).
+BYTES_PER_SLOT = 48
 
 
 def by_history_length(train: sp.csr_matrix, user_idx: np.ndarray) -> np.ndarray:
@@ -361,19 +363,39 @@ def predict(
 ) -> np.ndarray:
     """Score (user, item) rows through the scorer, building each batch's history from ``train``.
 
-    Batches hold at most ``batch`` rows and ``rows x k x history x BYTES_PER_CELL <=
+    Batches hold at most ``batch`` rows and ``rows x (history + k) x BYTES_PER_SLOT <=
     memory_bytes`` (rows sorted by history length, so a long history shares its batch only
     with other long ones); a single row over the budget is scored alone. Predictions do not
     depend on the batching (see ``ItemKNNScorer.forward``).
     """
-    scorer = model.scorer()
+    scorer, out = model.scorer(), np.zeros(len(user_idx), dtype=np.float32)
+    known = (np.asarray(item_idx) > 0) & (np.asarray(item_idx) < model.meta["n_items"])
+    if model.config.prediction == "item_centred":  # most rows: a lookup, no history batches
+        out[known] = _predict_known(scorer, train, np.asarray(user_idx)[known], np.asarray(item_idx)[known])
+        user_idx, item_idx, rest = np.asarray(user_idx)[~known], np.asarray(item_idx)[~known], ~known
+    else:
+        rest = np.ones(len(out), dtype=bool)
     order = by_history_length(train, user_idx)
     users, items_all = np.asarray(user_idx)[order], np.asarray(item_idx, dtype=np.int64)[order]
-    widths = np.diff(train.indptr)[users]
-    out = np.zeros(len(order), dtype=np.float32)
-    per_slot = int(model.meta["k"]) * BYTES_PER_CELL
-    for lo, hi in row_chunks(widths, per_slot, memory_bytes, batch):
+    widths, scored = np.diff(train.indptr)[users], np.zeros(len(order), dtype=np.float32)
+    for lo, hi in row_chunks(widths + int(model.meta["k"]), BYTES_PER_SLOT, memory_bytes, batch):
         hist, hr = history_arrays(train, users[lo:hi])
         items = torch.from_numpy(items_all[lo:hi])
-        out[order[lo:hi]] = scorer(items, torch.from_numpy(hist), torch.from_numpy(hr)).numpy()
+        scored[order[lo:hi]] = scorer(items, torch.from_numpy(hist), torch.from_numpy(hr)).numpy()
+    out[rest] = scored
     return out
+
+
+def _predict_known(scorer: ItemKNNScorer, train: sp.csr_matrix, users: np.ndarray, items: np.ndarray):
+    """The item-centred scorer's predictions for known items, bit for bit (float32 steps in its
+    order; torch's CPU cumsum adds float32 in float64), each neighbour's rating read from the
+    train CSR by ``csr_cells`` instead of from a per-row history: no ``history`` term at all."""
+    nbr, sim = scorer.nbr_idx.numpy()[items], scorer.nbr_sim.numpy()[items]
+    mean = scorer.item_mean.numpy()
+    rating, found = csr_cells(train, np.broadcast_to(users[:, None], nbr.shape), nbr)
+    found &= nbr != 0
+    deviation = rating.astype(np.float32) - mean[nbr]
+    num = np.where(found, sim * deviation, 0).cumsum(1, dtype=np.float64)[:, -1].astype(np.float32)
+    den = np.where(found, np.abs(sim), 0).cumsum(1, dtype=np.float64)[:, -1].astype(np.float32)
+    pred = np.where(den > 0, mean[items] + num / np.maximum(den, np.float32(1e-12)), mean[items])
+    return np.clip(pred, np.float32(scorer.rating_min), np.float32(scorer.rating_max))

@@ -127,3 +127,48 @@ class NeighbourRows(nn.Module):
         pos = lo.clamp(max=last)
         found = (lo < end) & (self.indices[pos] == target)
         return torch.where(found, self.values[pos], torch.zeros_like(self.values[pos])), found
+
+
+def csr_cells(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``m[rows, cols]`` cell by cell (any equal shapes) and whether each cell is stored, by a
+    binary search of the (row, column) keys of a CSR with sorted columns: ``log(nnz)`` per cell,
+    whatever the row lengths. Out-of-range cells read as not stored."""
+    m = sp.csr_matrix(m)
+    if not m.has_sorted_indices:
+        m = m.sorted_indices()
+    n_rows, n_cols = m.shape
+    keys = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(m.indptr)) * n_cols + m.indices
+    inside = (rows >= 0) & (rows < n_rows) & (cols >= 0) & (cols < n_cols)
+    query = np.where(inside, rows, 0).astype(np.int64) * n_cols + np.where(inside, cols, 0)
+    if not len(keys):
+        return np.zeros(query.shape, m.dtype), np.zeros(query.shape, bool)
+    pos = np.searchsorted(keys, query).clip(max=len(keys) - 1)
+    found = inside & (keys[pos] == query)
+    return np.where(found, m.data[pos], 0), found
+
+
+# Binary-search steps in the exported graph, whose history width is dynamic: enough to empty
+# the search range of any history shorter than 2**32 (eager calls take the width's bit length).
+SEARCH_STEPS = 32
+
+
+def find_sorted(
+    keys: torch.Tensor, order: torch.Tensor, values: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` at the slot of each ``target [B, k]`` in its row of ``keys [B, L]`` (sorted
+    ascending; ``order`` maps sorted slots back to ``values``' slots), and whether it is there.
+    A lower-bound binary search with GatherElements only, so that it exports to ONNX."""
+    width = keys.shape[1]
+    exporting = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    steps = SEARCH_STEPS if exporting else max(int(width), 1).bit_length()
+    lo = torch.zeros_like(target)
+    hi = torch.full_like(target, width)
+    for _ in range(steps):
+        active = lo < hi
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        below = keys.gather(1, mid.clamp(max=width - 1)) < target
+        lo = torch.where(active & below, mid + 1, lo)
+        hi = torch.where(active & ~below, mid, hi)
+    pos = lo.clamp(max=width - 1)
+    found = (lo < width) & (keys.gather(1, pos) == target)
+    return values.gather(1, order.gather(1, pos)), found

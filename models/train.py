@@ -117,7 +117,8 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_d
         lazy = {id(p) for p in sparse}
         dense = [p for p in params if id(p) not in lazy]
         optimizers = [torch.optim.SparseAdam(list(sparse), lr=lr)]
-        return Optimizers([torch.optim.Adam(dense, lr=lr, foreach=True), *optimizers] if dense else optimizers)
+        head = [torch.optim.Adam(dense, lr=lr, foreach=True)] if dense else []
+        return Optimizers([*head, *optimizers])
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)

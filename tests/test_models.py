@@ -371,6 +371,24 @@ def test_item_knn_symmetric_path_gives_the_same_neighbours(block_size):
     np.testing.assert_allclose(s_sim, sim, rtol=1e-6)
 
 
+def test_item_knn_predict_equals_the_scorer_on_shuffled_histories(snapshot):
+    """``predict`` reads known items' neighbour ratings from the train CSR; the scorer searches
+    the history it is given, in any order: the same predictions, bit for bit."""
+    model = item_knn.fit(snapshot, item_knn.Config(k=5), lambda _: None)
+    train = snapshot.train_matrix()
+    rows = snapshot.ratings("valid")
+    users = np.concatenate([rows.user_idx, [0, 0, 5]])
+    items = np.concatenate([rows.item_idx, [0, 7, 0]])
+    hist, ratings = item_knn.history_arrays(train, users)
+    shuffle = np.argsort(np.random.default_rng(0).random(hist.shape), axis=1)
+    hist, ratings = np.take_along_axis(hist, shuffle, 1), np.take_along_axis(ratings, shuffle, 1)
+    with torch.no_grad():
+        ref = model.scorer()(torch.from_numpy(items), torch.from_numpy(hist), torch.from_numpy(ratings))
+    got = item_knn.predict(model, train, users, items)
+    assert np.array_equal(got, ref.numpy())
+    assert len(np.unique(got)) > 100
+
+
 @pytest.mark.parametrize("prediction", ["item_centred", "seed"])
 def test_item_knn_scorer_equals_numpy_reference(snapshot, prediction):
     model = item_knn.fit(snapshot, item_knn.Config(k=5, prediction=prediction), lambda _: None)
