@@ -238,7 +238,7 @@ class ItemKNNScorer(nn.Module):
         # Each neighbour's rating is found by a binary search in the history sorted by item:
         # [B, L] to sort plus [B, k] per search step, where comparing every neighbour with every
         # history slot held [B, k, L] (hours at ML-25M shape, where histories reach 15k items).
-        rating, found = find_sorted(*torch.sort(hist_item_idx, dim=1), hist_rating, nbr)
+        rating, found = find_sorted(*torch.sort(hist_item_idx, dim=1), hist_rating, nbr, n_items)
         found = found & (nbr != 0)
         deviation = rating - self.centre * self.item_mean[nbr]  # [B, k]
         zero = torch.zeros_like(sim)
@@ -290,7 +290,8 @@ class ItemKNN(TrainedModel):
             notes=(
                 "hist_* = the user's train ratings, 0-padded (use models.item_knn.history_arrays); "
                 "no neighbour rated -> user's mean over hist, else item train mean, else global "
-                "mean; clipped to meta.rating_range. Memory per call ~ batch * (history + k)."
+                "mean; clipped to meta.rating_range. Memory per call ~ batch * (history + k). A history "
+                "longer than n_items (duplicates, unknown ids) may miss neighbours."
             ),
         )
 

@@ -147,28 +147,28 @@ def csr_cells(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> tuple[np.
     return np.where(found, m.data[pos], 0), found
 
 
-# Binary-search steps in the exported graph, whose history width is dynamic: enough to empty
-# the search range of any history shorter than 2**32 (eager calls take the width's bit length).
-SEARCH_STEPS = 32
-
-
 def find_sorted(
-    keys: torch.Tensor, order: torch.Tensor, values: torch.Tensor, target: torch.Tensor
+    keys: torch.Tensor, order: torch.Tensor, values: torch.Tensor, target: torch.Tensor, max_width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``values`` at the slot of each ``target [B, k]`` in its row of ``keys [B, L]`` (sorted
     ascending; ``order`` maps sorted slots back to ``values``' slots), and whether it is there.
-    A lower-bound binary search with GatherElements only, so that it exports to ONNX."""
+    A lower-bound binary search with GatherElements only, so that it exports to ONNX. The
+    exported graph's width is dynamic, so it takes ``max_width.bit_length()`` steps, enough for
+    rows of up to ``max_width`` keys; eager calls take the width's own."""
     width = keys.shape[1]
     exporting = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-    steps = SEARCH_STEPS if exporting else max(int(width), 1).bit_length()
-    lo = torch.zeros_like(target)
-    hi = torch.full_like(target, width)
-    for _ in range(steps):
-        active = lo < hi
-        mid = torch.div(lo + hi, 2, rounding_mode="floor")
-        below = keys.gather(1, mid.clamp(max=width - 1)) < target
-        lo = torch.where(active & below, mid + 1, lo)
-        hi = torch.where(active & ~below, mid, hi)
-    pos = lo.clamp(max=width - 1)
-    found = (lo < width) & (keys.gather(1, pos) == target)
+    steps = max(max_width if exporting else int(width), 1).bit_length()
+    # A sentinel above every key closes each row, so a probe past the end reads "not below".
+    keys = torch.cat([keys, torch.full_like(keys[:, :1], torch.iinfo(keys.dtype).max)], dim=1)
+    # Uniform search: ``last`` is the last slot known to hold a key below the target (-1: none);
+    # probing ``last + 2**s`` for s = steps-1 .. 0 reaches any count of keys below it up to
+    # ``2**steps - 1`` (five graph nodes per step).
+    last = torch.full_like(target, -1)
+    for s in reversed(range(steps)):
+        probe = last + (1 << s)
+        below = keys.gather(1, probe.clamp(max=width)) < target
+        last = torch.where(below, probe, last)
+    pos = (last + 1).clamp(max=width)
+    found = keys.gather(1, pos) == target
+    pos = pos.clamp(max=width - 1)
     return values.gather(1, order.gather(1, pos)), found
