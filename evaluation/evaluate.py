@@ -96,8 +96,9 @@ def evaluate_rating_onnx(
 ) -> dict[str, float]:
     """Rating metrics on the test rows. A scorer that takes the user's history (memory-based CF)
     is called on batches of users with similar history lengths, each batch sized so that rows x
-    history x the graph's bytes per history slot (item-kNN: k neighbours x ~58 bytes) stays
-    within ``memory_bytes``; a single history over the budget is scored alone."""
+    history x the graph's bytes per history slot (read from the graph: item-kNN's sorted copy
+    of the history and its order) stays within ``memory_bytes``; a single history over the
+    budget is scored alone."""
     test, warm = _rating_rows(snap)
     names = _input_names(signature)
     train = snap.train_matrix("rating")
