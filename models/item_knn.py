@@ -18,7 +18,7 @@ Fitting never builds a dense users x items matrix: the item x item product is co
 from the sparse centred matrix in blocks of item rows (block x n_items dense at most).
 
 Scorer (ONNX): ``item_idx [B]``, ``hist_item_idx [B, L]`` and ``hist_rating [B, L]`` (the
-user's train ratings, 0-padded; any order, no duplicates) -> ``rating [B]``. The
+user's train ratings, 0-padded; any order; of a duplicated item the first slot counts) -> ``rating [B]``. The
 neighbour lists are buffers ``nbr_idx``/``nbr_sim [n_items, k]`` (padding: index 0, sim 0).
 Fallback when none of i's neighbours was rated: item_centred -> the item's damped mean
 (global mean for an unknown item); seed -> the user's mean over the given history, else the
@@ -40,7 +40,7 @@ from common.budget import DEFAULT_SCORE_MEMORY_BYTES, row_chunks
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.data import Snapshot
-from models.neighbours import csr_cells, find_sorted
+from models.neighbours import csr_cells, lower_bound
 from models.symmetric_topk import symmetric_topk
 from models.train import format_row, history_row
 
@@ -238,8 +238,16 @@ class ItemKNNScorer(nn.Module):
         # Each neighbour's rating is found by a binary search in the history sorted by item:
         # [B, L] to sort plus [B, k] per search step, where comparing every neighbour with every
         # history slot held [B, k, L] (hours at ML-25M shape, where histories reach 15k items).
-        rating, found = find_sorted(*torch.sort(hist_item_idx, dim=1), hist_rating, nbr, n_items)
-        found = found & (nbr != 0)
+        # The sort key is item x width + slot: the first of duplicate items sorts first in any
+        # runtime (a stable sort does not export), and unknown ids read as padding (item 0).
+        width = hist_item_idx.shape[1]
+        known = (hist_item_idx > 0) & (hist_item_idx < n_items)
+        slot = torch.arange(width, device=nbr.device).unsqueeze(0)
+        key = torch.where(known, hist_item_idx, 0) * width + slot
+        keys, order = torch.sort(key, dim=1)
+        pos, at = lower_bound(keys, nbr * width, n_items)
+        found = (at < (nbr + 1) * width) & (nbr != 0)
+        rating = hist_rating.gather(1, order.gather(1, pos.clamp(max=width - 1)))
         deviation = rating - self.centre * self.item_mean[nbr]  # [B, k]
         zero = torch.zeros_like(sim)
         # A row's prediction must not depend on how wide its batch is padded or on who shares

@@ -147,12 +147,10 @@ def csr_cells(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> tuple[np.
     return np.where(found, m.data[pos], 0), found
 
 
-def find_sorted(
-    keys: torch.Tensor, order: torch.Tensor, values: torch.Tensor, target: torch.Tensor, max_width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` at the slot of each ``target [B, k]`` in its row of ``keys [B, L]`` (sorted
-    ascending; ``order`` maps sorted slots back to ``values``' slots), and whether it is there.
-    A lower-bound binary search with GatherElements only, so that it exports to ONNX. The
+def lower_bound(keys: torch.Tensor, target: torch.Tensor, max_width: int) -> tuple[torch.Tensor, ...]:
+    """For each ``target [B, k]``, the first slot of its row of ``keys [B, L]`` (sorted
+    ascending) holding a key ``>= target`` (``L`` when none), and that key (the int64 maximum
+    when none). A binary search with GatherElements only, so that it exports to ONNX. The
     exported graph's width is dynamic, so it takes ``max_width.bit_length()`` steps, enough for
     rows of up to ``max_width`` keys; eager calls take the width's own."""
     width = keys.shape[1]
@@ -169,6 +167,4 @@ def find_sorted(
         below = keys.gather(1, probe.clamp(max=width)) < target
         last = torch.where(below, probe, last)
     pos = (last + 1).clamp(max=width)
-    found = keys.gather(1, pos) == target
-    pos = pos.clamp(max=width - 1)
-    return values.gather(1, order.gather(1, pos)), found
+    return pos, keys.gather(1, pos)

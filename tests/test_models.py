@@ -389,6 +389,24 @@ def test_item_knn_predict_equals_the_scorer_on_shuffled_histories(snapshot):
     assert len(np.unique(got)) > 100
 
 
+def test_item_knn_scorer_counts_the_first_of_duplicated_items(snapshot):
+    """For known items (item-centred), a history that repeats a neighbour with another rating
+    or holds unknown ids predicts as the history without them: the search finds the first
+    slot, whatever the width."""
+    model = item_knn.fit(snapshot, item_knn.Config(k=5), lambda _: None)
+    scorer = model.scorer()
+    items = torch.arange(1, 41)
+    nbr = scorer.nbr_idx[items]
+    hist, ratings = nbr[:, :3].clone(), torch.tensor([[5.0, 1.0, 3.0]]).repeat(40, 1)
+    with torch.no_grad():
+        clean = scorer(items, hist, ratings)
+        extra = [nbr[:, :1], torch.full((40, 1), 10**9), torch.zeros(40, 4, dtype=torch.int64)]
+        dup_hist = torch.cat([hist, *extra], 1)
+        dup_ratings = torch.cat([ratings, torch.ones(40, 2), torch.zeros(40, 4)], 1)
+        assert torch.equal(scorer(items, dup_hist, dup_ratings), clean)
+    assert len(torch.unique(clean)) > 5
+
+
 @pytest.mark.parametrize("prediction", ["item_centred", "seed"])
 def test_item_knn_scorer_equals_numpy_reference(snapshot, prediction):
     model = item_knn.fit(snapshot, item_knn.Config(k=5, prediction=prediction), lambda _: None)
