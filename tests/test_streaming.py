@@ -219,3 +219,25 @@ def test_pad_history_matches_the_row_by_row_rule():
                     items = items[-length:]
                     want[row, : len(items)] = items
             assert np.array_equal(pad_history(arr, length), want)
+
+
+def test_eval_rows_scores_the_same_thinned_valid_rows_streamed_and_in_memory(signal):
+    """A valid split above ``eval_rows`` is thinned to every step-th row in file order: the
+    row-group stream (batches that straddle the step) and the in-memory arrays pick the same."""
+    from models.ctr import CtrData, ctr_meta, eval_stride, predict_logits
+    from models.deepfm import DeepFM
+
+    fam = FAMILIES["deepfm"]
+    config = parse_config(fam.config_cls, {})
+    features, labels = (lambda c: (c.sparse, c.dense)), (lambda c: c.label_like)
+    valid = signal.ctr("valid", max_history=1)
+    n = len(labels(valid))
+    step = eval_stride(n, n // 3)
+    assert step == 4 and eval_stride(n, n) == 1
+    torch.manual_seed(0)
+    module = DeepFM.build_module(config, ctr_meta(signal)).eval()
+    data = CtrData(signal, 1, features, labels, 0, n // 3)
+    logits, ys = data.predict(module, batch=777)
+    x, y = [a[::step] for a in features(valid)], labels(valid)[::step]
+    assert len(ys) == -(-n // step) and np.array_equal(ys, y)
+    np.testing.assert_allclose(logits, predict_logits(module, *x), rtol=1e-5, atol=1e-6)
