@@ -14,8 +14,8 @@ centred item columns (a user who did not rate an item contributes 0 = "at their 
 shrunk by support: ``sim * n_ij / (n_ij + shrink)`` with n_ij the number of co-raters
 (Koren 2008). Only the top-k positive neighbours per item are kept.
 
-Fitting never builds a dense users x items matrix: the item x item product is computed
-from the sparse centred matrix in blocks of item rows (block x n_items dense at most).
+Fitting never builds a dense users x items or items x items matrix: each item's co-rated items
+are accumulated from the sparse centred matrix and ranked on the fly (``models.cooccurrence``).
 
 Scorer (ONNX): ``item_idx [B]``, ``hist_item_idx [B, L]`` and ``hist_rating [B, L]`` (the
 user's train ratings, 0-padded; any order; of a duplicated item the first slot counts) -> ``rating [B]``. The
@@ -39,9 +39,9 @@ from torch import nn
 from common.budget import DEFAULT_SCORE_MEMORY_BYTES, row_chunks
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
+from models.cooccurrence import cooccurrence_topk
 from models.data import Snapshot
 from models.neighbours import csr_cells, lower_bound
-from models.symmetric_topk import symmetric_topk
 from models.train import format_row, history_row
 
 
@@ -53,8 +53,8 @@ class Config:
     # Shrinkage toward 0 by co-rater count; 100 is Koren's setting for item-item on
     # Netflix/MovieLens and stops 2-user overlaps from reaching similarity ~1.
     shrink: float = 100.0
-    # Items per block of the item x item product: peak memory ~ block * n_items * 12 bytes
-    # (27k items -> ~170 MB at 512), independent of the number of users.
+    # Items per task of the compiled item x item top-k (models.cooccurrence); its memory is
+    # one accumulator of n_items x 16 bytes per thread, whatever the block.
     block_size: int = 512
     # Rows per batch when scoring valid rows during fit (at most; the batch also shrinks so
     # that batch x (history + k) x BYTES_PER_SLOT stays within the scoring memory budget).
@@ -89,73 +89,24 @@ def centred_matrix(train: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.
     return centred, means, counts
 
 
-# From this many items up the top-k takes the symmetric path (models/symmetric_topk.py): each
-# item pair's product once, plus merging candidate lists, which costs more than it saves on a
-# small catalogue (see BENCHMARKS.md, "item_knn at ML-25M shape").
-SYMMETRIC_MIN_ITEMS = 20_000
-
-
 def item_similarity_topk(
-    train: sp.csr_matrix, k: int, shrink: float, block_size: int = 512, symmetric: bool | None = None
+    train: sp.csr_matrix, k: int, shrink: float, block_size: int = 512, threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k positive shrunk adjusted-cosine neighbours per item: ``nbr_idx, nbr_sim [n_items, k]``.
 
-    ``symmetric`` (default: from ``SYMMETRIC_MIN_ITEMS`` items up) multiplies each block of
-    items only against the items after it, on ``torch.get_num_threads()`` threads; ties are then
-    broken by the lower index."""
+    Compiled (``models.cooccurrence``): each item's co-rated items are accumulated once, in
+    float64, over its raters in index order, so the similarities equal the blocked scipy product
+    ``centred.T @ centred`` bit for bit; ``block_size`` items per task on ``threads`` threads
+    (default ``torch.get_num_threads()``); ties go to the lower index."""
     centred, _, _ = centred_matrix(train)
     n_items = train.shape[1]
     k = min(k, max(n_items - 1, 1))
     cc = centred.tocsc()
-    ones = cc.copy()
-    ones.data = np.ones_like(ones.data)
     norms = np.sqrt(np.asarray(cc.multiply(cc).sum(axis=0)).ravel())
     inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    if symmetric if symmetric is not None else n_items >= SYMMETRIC_MIN_ITEMS:
-        return _symmetric_topk(cc, ones, inv, k, shrink, block_size)
-    cct, onest = cc.T.tocsr(), ones.T.tocsr()
-    nbr_idx = np.zeros((n_items, k), dtype=np.int64)
-    nbr_sim = np.zeros((n_items, k), dtype=np.float32)
-    for lo in range(0, n_items, block_size):
-        hi = min(lo + block_size, n_items)
-        dot = (cct[lo:hi] @ cc).toarray()  # [block, n_items]
-        common = (onest[lo:hi] @ ones).toarray()
-        sim = dot * inv[lo:hi, None] * inv[None, :] * (common / (common + shrink + 1e-12))
-        sim[np.arange(hi - lo), np.arange(lo, hi)] = 0.0  # an item is not its own neighbour
-        sim[:, 0] = 0.0
-        sim[sim < 0] = 0.0  # negative neighbours do not fit a weighted *average*
-        top = np.argpartition(-sim, kth=k - 1, axis=1)[:, :k]
-        top_sim = np.take_along_axis(sim, top, 1)
-        order = np.argsort(-top_sim, axis=1, kind="stable")
-        top, top_sim = np.take_along_axis(top, order, 1), np.take_along_axis(top_sim, order, 1)
-        keep = top_sim > 0
-        nbr_idx[lo:hi] = np.where(keep, top, 0)
-        nbr_sim[lo:hi] = np.where(keep, top_sim, 0.0)
-    return nbr_idx, nbr_sim
-
-
-def _symmetric_topk(
-    cc: sp.csc_matrix, ones: sp.csc_matrix, inv: np.ndarray, k: int, shrink: float, block_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The same neighbours from the upper triangle of the item x item product. Items are rows of
-    unit-normalised centred columns (the product is the cosine) and co-rater counts in int32
-    (int16 when no item has 32,768 raters: exact, and cheaper). Each block is a sparse x sparse
-    product: a block of items is co-rated with most of the catalogue at scale, so its result is
-    written dense (``block x items`` at most)."""
-    rows = cc.T.tocsr()
-    rows.data *= np.repeat(inv, np.diff(rows.indptr))
-    raters = np.diff(rows.indptr).max(initial=0)
-    counts = ones.T.tocsr().astype(np.int16 if raters < 2**15 else np.int32)
-
-    def products(rows: sp.csr_matrix, rows_counts: sp.csr_matrix, lo: int, hi: int) -> np.ndarray:
-        b = hi - lo
-        dot = (rows @ rows[:b].T.tocsr()).toarray()  # [n_items - lo, b]
-        common = (rows_counts @ rows_counts[:b].T.tocsr()).toarray()
-        w = np.add(common, shrink + 1e-12, dtype=np.float64)
-        np.divide(common, w, out=w)
-        return np.multiply(dot, w, out=dot)
-
-    return symmetric_topk(products, rows, counts, k, block_size, torch.get_num_threads())
+    # sim = dot * inv_i * inv_j * (common / (common + shrink + 1e-12)); negatives dropped
+    threads = torch.get_num_threads() if threads is None else threads
+    return cooccurrence_topk(cc.T.tocsr(), k, inv, shrink, 1e-12, threads, block_size)
 
 
 def history_arrays(

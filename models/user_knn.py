@@ -14,9 +14,10 @@ user are kept (``nbr_idx``/``nbr_sim [n_users, k]``, padding index 0, sim 0).
   the co-rated items only, each user centred by their mean *over I_uv*, not the user-mean
   approximation; n_uv < 2 or zero variance on I_uv gives 0.
 
-Fitting never builds a dense users x users (or users x items) matrix: the products are taken
-from the sparse matrix in blocks of user rows, ``block_size x n_users`` dense at most per
-thread; each block keeps only its top-k (``argpartition``).
+Fitting never builds a dense users x users (or users x items) matrix: cosine accumulates each
+user's co-rated users from the sparse matrix and ranks them on the fly (``models.cooccurrence``);
+Pearson takes blocks of user rows, ``block_size x n_users`` dense at most per thread, each
+keeping only its top-k (``argpartition``).
 
 ``user_knn`` (the seed formula, ``prediction = "seed"``):
 ``r_ui = mean_u + sum_{v in N(u), v rated i} sim(u,v) (r_vi - mean_v) / sum |sim(u,v)|``.
@@ -45,18 +46,14 @@ from torch import nn
 from common.metrics import rmse
 from models.base import ExportSpec, Task, TensorSpec, TrainedModel
 from models.config import config_family
+from models.cooccurrence import cooccurrence_topk
 from models.data import Snapshot
 from models.item_knn import centred_matrix
 from models.neighbours import NeighbourRows
-from models.symmetric_topk import symmetric_topk
 from models.train import format_row, history_row
 
 Log = Callable[[str], None]
 SIMILARITIES = ("cosine", "pearson")
-# From this many users up the cosine top-k takes the symmetric path: half the products, plus
-# merging candidate lists. Measured (2 threads, same rows): 6,041 users 2.9 s against 1.2 s
-# for every block against every user; 69,879 users 162 s against 210 s.
-SYMMETRIC_MIN_USERS = 40_000
 
 
 # --- configs ------------------------------------------------------------------------------
@@ -72,9 +69,9 @@ class NeighbourConfig:
     shrink: float = 100.0
     # "cosine" (mean-centred, full-row norms) or "pearson" (co-rated items only): docstring.
     similarity: str = "cosine"
-    # Users per block of the user x user product: peak memory per thread (torch's thread
-    # count) ~ block * n_users * (12 bytes cosine / 56 pearson) (138k users, 128 -> ~0.2 /
-    # 1 GB), independent of n_items.
+    # Users per task: cosine's compiled top-k holds n_users x 8 bytes per thread whatever the
+    # block; Pearson's block product ~ block * n_users * 56 bytes per thread (torch's thread
+    # count; 138k users, 128 -> ~1 GB), independent of n_items.
     block_size: int = 128
 
     def __post_init__(self):
@@ -141,18 +138,6 @@ def _block_pearson(
     return sim, common
 
 
-def _cosine(rows: sp.csr_matrix, counts: sp.csr_matrix, block: sp.csr_matrix, block_counts: sp.csr_matrix,
-            shrink: float) -> np.ndarray:  # fmt: skip
-    """Shrunk cosine ``[n_rows, b]`` of the row-normalised ``rows`` against the users of
-    ``block``, in float32; the co-rated counts in the counts' integer dtype (int16 when every
-    row is shorter than 32,768: exact, and twice as fast as float32)."""
-    dot = np.asarray(rows @ block.toarray().T)
-    common = np.asarray(counts @ block_counts.toarray().T)
-    w = np.add(common, shrink + 1e-12, dtype=np.float32)
-    np.divide(common, w, out=w)
-    return np.multiply(dot, w, dtype=np.float32)
-
-
 def _top_k(sim: np.ndarray, cand: np.ndarray, k: int, lo: int) -> tuple[np.ndarray, np.ndarray]:
     """The k positive largest per row, by similarity then index (deterministic); 0-padded."""
     sim = np.where((cand == np.arange(lo, lo + len(cand))[:, None]) | (cand == 0) | (sim < 0), 0.0, sim)
@@ -167,38 +152,33 @@ def user_similarity_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k positive shrunk neighbours per user: ``nbr_idx, nbr_sim [n_users, k]`` (0-padded).
 
-    Cosine is computed in float32 (half the memory traffic of float64; similarities differ
-    from a float64 product by ~1e-7 relative, so only exact near-ties can order differently);
-    Pearson, with its cancelling sums, in float64. Blocks run on ``torch.get_num_threads()``
-    threads (scipy's sparse @ dense products release the GIL)."""
+    Cosine is compiled (``models.cooccurrence``): the rows are scaled to unit norm in float32
+    and each user's co-rated users are accumulated over its items in index order, so the
+    similarities equal the blocked float32 scipy product ``cn @ cn.T`` bit for bit (float32
+    differs from a float64 product by ~1e-7 relative, so only exact near-ties can order
+    differently); ``block_size`` users per task. Pearson, with its cancelling sums, is taken in
+    float64 blocks of ``block_size x n_users``. Both run on ``torch.get_num_threads()`` threads."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     c, _, _ = centred_matrix(train)  # explicit zeros kept: a rating at the mean is still co-rated
-    ones = c.copy()
-    ones.data = np.ones_like(ones.data)
     n_users = c.shape[0]
     k = min(k, max(n_users - 1, 1))
     c2 = c.multiply(c).tocsr()
-    norms = np.sqrt(np.asarray(c2.sum(axis=1)).ravel())
-    inv_norm = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    cn = c.astype(np.float32)  # rows scaled to unit norm: the product is the cosine
-    cn.data *= np.repeat(inv_norm, np.diff(c.indptr)).astype(np.float32)
-    counts = ones.astype(np.int16 if np.diff(c.indptr).max(initial=0) < 2**15 else np.int32)
-
-    if similarity == "cosine" and n_users >= SYMMETRIC_MIN_USERS:
-        # each pair's product once, the upper triangle (models/symmetric_topk.py)
-        def products(rows: sp.csr_matrix, rows_counts: sp.csr_matrix, lo: int, hi: int) -> np.ndarray:
-            return _cosine(rows, rows_counts, rows[: hi - lo], rows_counts[: hi - lo], shrink)
-
-        return symmetric_topk(products, cn, counts, k, block_size, torch.get_num_threads())
+    if similarity == "cosine":
+        norms = np.sqrt(np.asarray(c2.sum(axis=1)).ravel())
+        inv_norm = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        cn = c.astype(np.float32)  # rows scaled to unit norm: the product is the cosine
+        cn.data *= np.repeat(inv_norm, np.diff(c.indptr)).astype(np.float32)
+        # sim = dot * (n / (n + shrink)) in float32, n the co-rated count
+        unit = np.ones(n_users, dtype=np.float32)
+        return cooccurrence_topk(cn, k, unit, shrink + 1e-12, 0.0, torch.get_num_threads(), block_size)
+    ones = c.copy()
+    ones.data = np.ones_like(ones.data)
 
     def block(lo: int) -> tuple[np.ndarray, np.ndarray]:  # this block against every user
         hi = min(lo + block_size, n_users)
-        if similarity == "cosine":
-            sim = np.ascontiguousarray(_cosine(cn, counts, cn[lo:hi], counts[lo:hi], shrink).T)
-        else:
-            sim, common = _block_pearson(c, ones, c2, lo, hi)
-            sim *= common / (common + shrink + 1e-12)
+        sim, common = _block_pearson(c, ones, c2, lo, hi)
+        sim *= common / (common + shrink + 1e-12)
         sim[np.arange(hi - lo), np.arange(lo, hi)] = 0.0  # a user is not their own neighbour
         sim[:, 0] = 0.0
         cand = np.argpartition(sim, sim.shape[1] - k, axis=1)[:, -k:]

@@ -211,8 +211,17 @@ class DagsterProcess:
         self.stop()
 
 
-def _start(name: str, args: list[str], home: Path, dagster_home: Path, env: Mapping[str, str] | None,
-           port: int | None, log_path: Path | None, timeout: float, wait: bool) -> DagsterProcess:
+def _start(
+    name: str,
+    args: list[str],
+    home: Path,
+    dagster_home: Path,
+    env: Mapping[str, str] | None,
+    port: int | None,
+    log_path: Path | None,
+    timeout: float,
+    wait: bool,
+) -> DagsterProcess:
     full = dagster_env(home, dagster_home, env)
     log = log_path or Path(full["DAGSTER_HOME"]) / f"{name}.log"
     process = DagsterProcess(name, args, full, log, port=port)
@@ -266,8 +275,9 @@ def dagster_dev(home: Path, dagster_home: Path, port: int | None = None,
 
 
 @contextlib.contextmanager
-def dagster_webserver(home: Path, dagster_home: Path, port: int | None = None,
-                      env: Mapping[str, str] | None = None, **kwargs) -> Iterator[DagsterProcess]:
+def dagster_webserver(
+    home: Path, dagster_home: Path, port: int | None = None, env: Mapping[str, str] | None = None, **kwargs
+) -> Iterator[DagsterProcess]:
     process = start_dagster_webserver(home, dagster_home, port, env, **kwargs)
     try:
         yield process

@@ -210,9 +210,7 @@ def test_read_only_home_is_a_clear_error_and_keeps_everything(mount_tmpfs, tmp_p
     from orchestration.resources import WarehouseResource
 
     monkeypatch.setenv("RECSYS_HOME", str(home))
-    result = dg.materialize(
-        [raw_tables], resources={"warehouse": WarehouseResource()}, raise_on_error=False
-    )
+    result = dg.materialize([raw_tables], resources={"warehouse": WarehouseResource()}, raise_on_error=False)
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     error = failure.step_failure_data.error
     assert error.cls_name == "Failure"

@@ -145,8 +145,11 @@ def test_a_zip_of_twenty_thousand_empty_members_is_refused_before_unpacking(tmp_
     archive = _many_members(tmp_path / "many.zip", 20_000)
     dest = tmp_path / "out"
 
-    with pytest.raises(SourceError, match=r"many\.zip holds 200\d\d members, over the limit of 10000 "
-                                          r"\(RECSYS_MAX_ZIP_MEMBERS=10000\); nothing was unpacked"):
+    with pytest.raises(
+        SourceError,
+        match=r"many\.zip holds 200\d\d members, over the limit of 10000 "
+        r"\(RECSYS_MAX_ZIP_MEMBERS=10000\); nothing was unpacked",
+    ):
         unpack_zip(archive, dest)
     assert not dest.exists()
 
@@ -230,8 +233,11 @@ def test_a_parquet_file_whose_columns_unpack_past_the_limit_is_refused(tmp_path)
     pq.write_table(table, path, use_dictionary=False, compression="zstd")
     assert path.stat().st_size < 200_000  # 6.4 MB of column data
 
-    with pytest.raises(SourceError, match=r"events\.parquet unpacks to \d+\.\d MiB .*over the limit of "
-                                          r"1\.0 MiB \(RECSYS_MAX_UNPACK_BYTES=1048576\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"events\.parquet unpacks to \d+\.\d MiB .*over the limit of "
+        r"1\.0 MiB \(RECSYS_MAX_UNPACK_BYTES=1048576\)",
+    ):
         _land(tmp_path, path, RECSYS_MAX_UNPACK_BYTES=str(1 << 20))
 
 
@@ -282,8 +288,11 @@ def test_a_side_table_with_no_usable_row_reports_exact_counts_past_the_cap(tmp_p
     _write(pd.DataFrame(EVENTS), folder / "events.csv")
     _write(pd.DataFrame({"user_id": ["?"] * 25, "gender": "M"}), folder / "users.csv")
 
-    with pytest.raises(SourceError, match=r"No row of the users file .* passed validation \(25 rejected: "
-                                          r"\{'user_id is missing or not a non-negative integer': 25\}\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"No row of the users file .* passed validation \(25 rejected: "
+        r"\{'user_id is missing or not a non-negative integer': 25\}\)",
+    ):
         _ingest(tmp_path, files_plan(folder), max_rejected_per_reason=3)
 
 

@@ -354,21 +354,22 @@ def test_item_knn_similarity_matches_brute_force():
         np.testing.assert_allclose(sim[i], np.sort(truth[i])[::-1][:3], atol=1e-6)
 
 
-@pytest.mark.parametrize("block_size", [3, 7, 64])
-def test_item_knn_symmetric_path_gives_the_same_neighbours(block_size):
-    """The upper-triangle path (a large catalogue's) against every block times every item."""
+def test_item_knn_neighbours_do_not_depend_on_blocks_or_threads():
+    """The compiled top-k against the dense brute force, and bit-identical lists for any task
+    size and thread count (ties, from the integer ratings, go to the lower index)."""
     rng = np.random.default_rng(5)
     dense = np.where(rng.random((90, 41)) < 0.3, rng.integers(1, 11, (90, 41)) / 2, 0.0)
     dense[:, 0] = 0  # padding column
     dense[0] = 0  # padding row
     train = sp.csr_matrix(dense)
-    idx, sim = item_knn.item_similarity_topk(train, k=6, shrink=2.0, block_size=block_size, symmetric=False)
     truth = brute_force_similarity(dense, shrink=2.0)
+    idx, sim = item_knn.item_similarity_topk(train, 6, 2.0, block_size=1, threads=1)
     assert (sim > 0).sum() > 100  # most items have a full list of positive neighbours
     np.testing.assert_allclose(np.sort(truth, 1)[:, ::-1][:, :6], sim, atol=1e-6)
-    s_idx, s_sim = item_knn.item_similarity_topk(train, 6, 2.0, block_size=block_size, symmetric=True)
-    np.testing.assert_array_equal(s_idx, idx)
-    np.testing.assert_allclose(s_sim, sim, rtol=1e-6)
+    for block, threads in ((3, 2), (7, 1), (64, 2)):
+        b_idx, b_sim = item_knn.item_similarity_topk(train, 6, 2.0, block_size=block, threads=threads)
+        np.testing.assert_array_equal(b_idx, idx)
+        np.testing.assert_array_equal(b_sim, sim)
 
 
 def test_item_knn_predict_equals_the_scorer_on_shuffled_histories(snapshot):

@@ -240,7 +240,10 @@ def test_graph_bytes_per_row_counts_symbolic_products():
     z = onnx.helper.make_tensor_value_info("z", onnx.TensorProto.INT64, ["batch", 5])
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Reshape", ["x", "s"], ["y"]), onnx.helper.make_node("Shape", ["x"], ["z"])],
-        "g", [x], [y, z], [onnx.numpy_helper.from_array(np.array([-1, 3]), "s")],
+        "g",
+        [x],
+        [y, z],
+        [onnx.numpy_helper.from_array(np.array([-1, 3]), "s")],
     )
     model = onnx.helper.make_model(graph)
     assert graph_bytes_per_row(model, "batch", ("history",)) == 12 + 12 + 40

@@ -270,19 +270,24 @@ def test_float32_blocks_match_float64_brute_force_on_more_users():
         np.testing.assert_allclose(sim[u], np.sort(truth[u])[::-1][:5], atol=1e-6)
 
 
-@pytest.mark.parametrize("merge_min", [1, 1 << 30])
-def test_symmetric_cosine_merging_often_or_once_equals_brute_force(monkeypatch, merge_min):
-    """The cosine path multiplies each pair once (upper triangle) and merges candidates into
-    running top-k lists whose k-th value filters later candidates: merged after every block or
-    only at the end, each user's list is the brute-force top k, ties by lower index."""
-    from models import symmetric_topk
-
-    monkeypatch.setattr(symmetric_topk, "MERGE_MIN", merge_min)
-    monkeypatch.setattr(user_knn, "SYMMETRIC_MIN_USERS", 0)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_cosine_top_k_equals_brute_force_for_any_block(threads):
+    """The compiled cosine top-k keeps a running k-best list per user: for any task size and
+    thread count each user's list is the brute-force top k, ties by lower index."""
     dense = random_ratings(90, 30, 0.3, seed=11)
     truth = brute_force_user_similarity(dense, shrink=4.0, similarity="cosine")
-    for k, block in ((7, 8), (7, 1), (89, 13)):
-        idx, sim = user_knn.user_similarity_topk(sp.csr_matrix(dense), k, 4.0, "cosine", block_size=block)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train = sp.csr_matrix(dense)
+        found = {
+            (k, block): user_knn.user_similarity_topk(train, k, 4.0, "cosine", block_size=block)
+            for k, block in ((7, 8), (7, 1), (89, 13))
+        }
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(found[7, 8][0], found[7, 1][0])
+    for (k, block), (idx, sim) in found.items():
         for u in range(90):
             row = truth[u]
             order = np.lexsort((np.arange(90), -row))[:k]
