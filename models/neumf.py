@@ -30,6 +30,11 @@ from models.runtime import Budget
 from models.topk import SampledTraining, ValidNDCG
 from models.train import deterministic, history_row
 
+# Of a time budget, the part each half pretrained inside neumf's fit may take (the rest, and
+# what a half leaves unused, goes to the next loop): with one budget for the three loops, the
+# first would otherwise take it all and leave the MLP half a single batch.
+PRETRAIN_SHARE = 0.4
+
 
 @dataclass(frozen=True)
 class Config(SampledTraining):
@@ -166,9 +171,11 @@ def _comparable(config) -> dict:
     return values
 
 
-def _fitted_half(name: str, wanted, upstream: Mapping[str, TrainedModel] | None, log: Log):
+def _fitted_half(name: str, wanted, upstream: Mapping[str, TrainedModel] | None, log: Log, budgeted: bool):
     """The ``name`` model handed in by the pipeline, when it was fitted with exactly the config
-    this half would be pretrained with; else ``None`` (and the log says why)."""
+    this half would be pretrained with; else ``None`` (and the log says why). A model cut short
+    by its own time budget is used only when neumf runs under a budget too: pretraining it
+    again here would get less time than it had."""
     if not upstream or name not in upstream:
         return None
     config_of = getattr(upstream, "config_of", None)  # reads config.json without loading weights
@@ -180,10 +187,12 @@ def _fitted_half(name: str, wanted, upstream: Mapping[str, TrainedModel] | None,
         log(f"[neumf] pretraining the {name} half itself: {why}")
         return None
     model = upstream[name]
-    # a half cut short by its own budget is not what the pretraining would give
     if (model.meta.get("training") or {}).get("budget_hit"):
-        log(f"[neumf] pretraining the {name} half itself: the fitted {name} model hit its time budget")
-        return None
+        if not budgeted:  # unbounded, the pretraining runs to its early stop
+            log(f"[neumf] pretraining the {name} half itself: the fitted {name} model hit its time budget")
+            return None
+        log(f"[neumf] the {name} half is the fitted {name} model (same config; both under a time budget)")
+        return model
     log(f"[neumf] the {name} half is the fitted {name} model (same config)")
     return model
 
@@ -192,10 +201,15 @@ def fit(
     snapshot: Snapshot, config: Config, log: Log = print, upstream: Mapping[str, TrainedModel] | None = None
 ) -> NeuMF:
     meta = ncf_meta(snapshot)
-    # One budget for the whole fit: each pretraining fit and the fine-tuning get what is left
-    # (at least a moment, so each still validates once).
+    # One budget for the whole fit: a half pretrained here gets PRETRAIN_SHARE of it (so the
+    # first loop cannot take it all), the fine-tuning what is left; each at least a moment, so
+    # each still validates once.
     budget = Budget(config.max_minutes)
-    left = lambda: None if config.max_minutes is None else max(budget.remaining_minutes(), 1e-6)  # noqa: E731
+    budgeted = config.max_minutes is not None
+
+    def left(share: float = 1.0) -> float | None:
+        return max(budget.remaining_minutes() * share, 1e-6) if budgeted else None
+
     validation = ValidNDCG(snapshot, config.eval_users, config.seed)
     common = dict(
         negatives=config.negatives,
@@ -224,10 +238,10 @@ def fit(
     t0 = time.perf_counter()
     gmf_config = gmf.Config(dim=config.gmf_dim, init_std=config.gmf_init_std, **common)
     halves = {}
-    gmf_half = _fitted_half("gmf", gmf_config, upstream, log)
+    gmf_half = _fitted_half("gmf", gmf_config, upstream, log, budgeted)
     halves["gmf"] = "fitted model" if gmf_half is not None else "pretrained here"
     if gmf_half is None:
-        gmf_half = gmf.fit(snapshot, replace(gmf_config, max_minutes=left()), log)
+        gmf_half = gmf.fit(snapshot, replace(gmf_config, max_minutes=left(PRETRAIN_SHARE)), log)
     mlp_config = ncf_mlp.Config(
         embed_dim=config.mlp_embed_dim,
         hidden=config.mlp_hidden,
@@ -235,10 +249,12 @@ def fit(
         init_std=config.mlp_init_std,
         **common,
     )
-    mlp_half = _fitted_half("ncf_mlp", mlp_config, upstream, log)
+    mlp_half = _fitted_half("ncf_mlp", mlp_config, upstream, log, budgeted)
     halves["ncf_mlp"] = "fitted model" if mlp_half is not None else "pretrained here"
     if mlp_half is None:
-        mlp_half = ncf_mlp.fit(snapshot, replace(mlp_config, max_minutes=left()), log)
+        # its share of what is left: PRETRAIN_SHARE of the whole when the gmf half used its own
+        share = PRETRAIN_SHARE / (1 - PRETRAIN_SHARE if halves["gmf"] == "pretrained here" else 1)
+        mlp_half = ncf_mlp.fit(snapshot, replace(mlp_config, max_minutes=left(share)), log)
     pretrain_s = time.perf_counter() - t0
     with deterministic(config.seed):
         init_from_pretrained(module, gmf_half.module, mlp_half.module, config.alpha)

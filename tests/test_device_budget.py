@@ -167,6 +167,28 @@ def test_budget_in_the_families_with_their_own_loops(snapshot):
     assert all(loop["budget_hit"] and loop["epochs"] == 1 for loop in loops)
 
 
+def test_neumf_shares_its_budget_and_takes_budget_cut_halves_only_under_a_budget(snapshot):
+    # 100 clock reads of budget: the gmf half pretrained here may take 40 of them, so the MLP
+    # half still trains more than the one batch a first-come budget left it
+    model, loops = _fit_on_clock(neumf.fit, snapshot, neumf.Config(max_minutes=100 / 60), FakeClock())
+    assert [loop["family"] for loop in loops] == ["gmf", "ncf_mlp", "neumf"]
+    assert loops[0]["max_minutes"] == pytest.approx(0.4 * 99 / 60)
+    assert 0.3 * 100 / 60 < loops[1]["max_minutes"] < 0.45 * 100 / 60
+    # halves fitted by the gmf / ncf_mlp families and cut by their own budgets
+    cut = {}
+    for name in ("gmf", "ncf_mlp"):
+        config = FAMILIES[name].config_cls(max_minutes=1.5 / 60)
+        cut[name], (loop,) = _fit_on_clock(FAMILIES[name].fit, snapshot, config, FakeClock())
+        assert loop["budget_hit"]
+        cut[name].meta["training"] = loop  # what the pipeline's training step records
+    with use_runtime(Runtime(clock=FakeClock())) as loops:
+        neumf.fit(snapshot, neumf.Config(max_minutes=100 / 60), lambda _: None, upstream=cut)
+    assert [loop["family"] for loop in loops] == ["neumf"]  # both halves taken as they are
+    with use_runtime(Runtime(clock=FakeClock())) as loops:
+        neumf.fit(snapshot, neumf.Config(epochs=1), lambda _: None, upstream=cut)
+    assert [loop["family"] for loop in loops] == ["gmf", "ncf_mlp", "neumf"]  # unbounded: pretrained again
+
+
 def test_the_model_asset_metadata_says_budget_hit(snapshot, tmp_path):
     config = tmp_path / "models.toml"
     config.write_text("[deepfm]\nmax_minutes = 1e-9\n")  # out after the first batch, on any machine
