@@ -49,6 +49,7 @@ from models.config import parse_config  # noqa: E402
 from models.data import RatingArrays  # noqa: E402
 
 TOP_N = 20
+IMPLICIT_THREADS = 0  # implicit's default: every core; --threads sets it with torch's
 
 
 def events(n_events: int, cache: Path | None, seed: int = 42) -> dict[str, np.ndarray]:
@@ -177,7 +178,7 @@ def implicit_cosine(snap, users, rel):
     from implicit.nearest_neighbours import CosineRecommender
 
     ones = sp.csr_matrix(snap.train_matrix("ones"))
-    model = CosineRecommender(K=50)
+    model = CosineRecommender(K=50, num_threads=IMPLICIT_THREADS)
     model.fit(ones, show_progress=False)
     ids, _ = model.recommend(users, sp.csr_matrix(ones[users]), N=TOP_N, filter_already_liked_items=True)
     return lambda: ndcg_from_top(np.asarray(ids), snap, users, rel)
@@ -209,7 +210,14 @@ def main() -> None:
         help="time ours only (e.g. 10M, where Surprise's dense sims do not fit)",
     )
     parser.add_argument("--cache", type=Path, help="keep/reuse the generated events here")
+    parser.add_argument(
+        "--threads", type=int, help="threads of both sides (torch and implicit); default: every core"
+    )
     args = parser.parse_args()
+    if args.threads:
+        global IMPLICIT_THREADS
+        IMPLICIT_THREADS = args.threads
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     snap = ArraySnapshot(events(args.events, args.cache))
@@ -219,7 +227,7 @@ def main() -> None:
         f"{args.events:,} events: {snap.n_users - 1:,} users x {snap.n_items - 1:,} items, "
         f"{len(train):,} train rows, {len(snap.ratings('test')):,} test rows, {len(users):,} test users "
         f"(data {time.perf_counter() - t0:.1f} s); {platform.processor() or platform.machine()}, "
-        f"torch threads {torch.get_num_threads()}",
+        f"torch threads {torch.get_num_threads()}, implicit threads {IMPLICIT_THREADS or 'all'}",
         flush=True,
     )
     pairs = {

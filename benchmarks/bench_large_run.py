@@ -164,8 +164,11 @@ def _driver_alive(home: Path) -> int | None:
         return None
     pid = int(pid_file.read_text())
     try:
-        alive = psutil.Process(pid).is_running() and __file__ in " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
+        proc = psutil.Process(pid)
+        # the script may have been started by a relative path: compare resolved paths
+        here, cwd = Path(__file__).resolve(), Path(proc.cwd())
+        alive = proc.is_running() and any((cwd / arg).resolve() == here for arg in proc.cmdline())
+    except (psutil.Error, OSError):
         return None
     return pid if alive else None
 
