@@ -11,7 +11,7 @@ from test_models import write_tiny_snapshot
 from export.family_export import export_family
 from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec
 from export.parity import parity_gate, standard_cases
-from models import user_knn, user_knn_topk
+from models import neighbours, user_knn, user_knn_topk
 from models.catalogue import FAMILIES
 from models.config import ConfigError, parse_config
 from models.data import Snapshot
@@ -59,8 +59,11 @@ def test_neighbour_rows_equal_dense_matmul(slots_per_step):
     np.testing.assert_array_equal(found.numpy(), cell != 0)
 
 
-def test_neighbour_rows_lookup_finds_every_stored_cell_of_long_rows():
-    """The unrolled binary search must reach both ends of rows of every length up to max_row."""
+@pytest.mark.parametrize("graph", [False, True], ids=["eager-compiled", "graph-unrolled"])
+def test_neighbour_rows_lookup_finds_every_stored_cell_of_long_rows(graph, monkeypatch):
+    """The binary search must reach both ends of rows of every length up to max_row: the
+    unrolled one the export traces (forced here in eager) and the compiled eager one."""
+    monkeypatch.setattr(neighbours, "exporting", lambda: graph)
     dense = np.zeros((6, 40))
     for u, length in enumerate([0, 1, 2, 31, 32, 39]):
         dense[u, 1 : length + 1] = np.arange(1, length + 1)
@@ -69,6 +72,24 @@ def test_neighbour_rows_lookup_finds_every_stored_cell_of_long_rows():
     value, found = rows.lookup(torch.from_numpy(users.reshape(-1, 1)), torch.from_numpy(items.reshape(-1)))
     np.testing.assert_array_equal(value.numpy().ravel(), dense[users, items].ravel())
     np.testing.assert_array_equal(found.numpy().ravel(), dense[users, items].ravel() != 0)
+
+
+def test_neighbour_rows_lookup_eager_equals_the_exported_search(monkeypatch):
+    """Rating prediction reads cells eagerly (compiled) and in ONNX (the unrolled search): the
+    same values and found flags, padding, out-of-range neighbours and unknown items included."""
+    rng = np.random.default_rng(5)
+    dense = random_ratings(60, 45, 0.3, seed=6)
+    dense[0, 5] = 3.0  # row 0 holds data but index 0 is padding
+    dense[11, 1:] = rng.integers(1, 6, 44)  # a full row
+    rows = NeighbourRows.from_csr(sp.csr_matrix(dense))
+    idx = torch.from_numpy(rng.integers(-2, 64, (200, 7)))  # negative and >= n_users: empty
+    item = torch.from_numpy(rng.integers(0, 47, 200))  # 45, 46: outside every row
+    eager = rows.lookup(idx, item)
+    monkeypatch.setattr(neighbours, "exporting", lambda: True)
+    graph = rows.lookup(idx, item)
+    assert eager[1].any() and not eager[1].all()
+    for a, b in zip(eager, graph):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_neighbour_rows_rebuild_from_meta_and_state_dict():
