@@ -14,7 +14,7 @@ self-contained and nothing ever densifies users x items:
   stored cells (~3x less work on skewed row lengths), the same sums up to addition order;
   exporting traces the fixed-shape path.
 - ``lookup(nbr_idx [B, k], item_idx [B]) -> (R[nbr, item] [B, k], found [B, k])``: one cell
-  per neighbour (rating prediction), by a binary search in each neighbour's sorted row,
+  per neighbour (rating prediction), by a binary search (additions only) in each neighbour's sorted row,
   unrolled ``max_row.bit_length()`` times; memory ~ ``B * k`` per step, whatever max_row is.
   Eager calls on CPU run the same search compiled (numba), the same cells bit for bit.
 
@@ -143,11 +143,14 @@ class NeighbourRows(nn.Module):
     def lookup(self, nbr_idx: torch.Tensor, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``R[nbr_idx[b, j], item_idx[b]]`` and whether that cell is stored, both ``[B, k]``.
 
-        Lower-bound binary search of the item in each neighbour's sorted row, unrolled a fixed
-        ``max_row.bit_length()`` times (enough to empty any row's search range). Eager calls on
-        CPU run the same search compiled (``_lookup_cells``: the same stored cells, so the same
-        values bit for bit, ~100x faster than the unrolled tensor steps); exporting traces the
-        unrolled graph."""
+        Lower-bound search of the item in each neighbour's sorted row, unrolled a fixed
+        ``max_row.bit_length()`` times. It is a uniform search (probe ``last + 2**s`` for s from
+        high to low) with additions only: the exporter lowers integer floor division through
+        float32, which rounds positions past 2**24 (at ML-25M shape, 20M stored cells, the
+        halving search read wrong cells in onnxruntime and failed the parity gate). Eager calls
+        on CPU run the same lower bound compiled (``_lookup_cells``: the same stored cells, so
+        the same values bit for bit, ~20x faster than the unrolled tensor steps); exporting
+        traces the unrolled graph."""
         if not exporting() and self.indptr.device.type == "cpu":
             values, found = _lookup_cells(
                 self.indptr.numpy(), self.indices.numpy(), self.values.numpy(),
@@ -156,17 +159,17 @@ class NeighbourRows(nn.Module):
             return torch.from_numpy(values), torch.from_numpy(found)
         start, length = self._rows(nbr_idx)
         end = start + length
-        lo, hi = start, end
         target = item_idx.unsqueeze(1)
-        last = self.indices.shape[0] - 1
-        for _ in range(max(self.max_row, 1).bit_length()):
-            active = lo < hi
-            mid = torch.div(lo + hi, 2, rounding_mode="floor")
-            below = self.indices[mid.clamp(max=last)] < target
-            lo = torch.where(active & below, mid + 1, lo)
-            hi = torch.where(active & ~below, mid, hi)
-        pos = lo.clamp(max=last)
-        found = (lo < end) & (self.indices[pos] == target)
+        last_slot = self.indices.shape[0] - 1
+        # ``last``: the last position known to hold an index below the target (start - 1: none);
+        # 2**steps - 1 >= max_row, so any count of smaller indices in a row is reachable.
+        last = start - 1
+        for s in reversed(range(max(self.max_row, 1).bit_length())):
+            probe = last + (1 << s)
+            smaller = (probe < end) & (self.indices[probe.clamp(max=last_slot)] < target)
+            last = torch.where(smaller, probe, last)
+        pos = (last + 1).clamp(max=last_slot)
+        found = (last + 1 < end) & (self.indices[pos] == target)
         return torch.where(found, self.values[pos], torch.zeros_like(self.values[pos])), found
 
 
