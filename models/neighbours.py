@@ -14,8 +14,9 @@ self-contained and nothing ever densifies users x items:
   stored cells (~3x less work on skewed row lengths), the same sums up to addition order;
   exporting traces the fixed-shape path.
 - ``lookup(nbr_idx [B, k], item_idx [B]) -> (R[nbr, item] [B, k], found [B, k])``: one cell
-  per neighbour (rating prediction), by a binary search (additions only) in each neighbour's sorted row,
-  unrolled ``max_row.bit_length()`` times; memory ~ ``B * k`` per step, whatever max_row is.
+  per neighbour (rating prediction), by a binary search (additions only) in each neighbour's
+  sorted row, unrolled ``max_row.bit_length()`` times; memory ~ ``B * k`` per step, whatever
+  max_row is.
   Eager calls on CPU run the same search compiled (numba), the same cells bit for bit.
 
 Neighbour index 0 (and weight 0) is padding: index 0 reads as an empty row even when R's
