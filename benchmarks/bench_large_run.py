@@ -55,6 +55,11 @@ GROUPS = {
     "embedding": ("emb_knn",),
 }
 SHAPE_25M = {"events": 25_000_000, "users": 162_541, "items": 59_047}
+# Minutes each group took at ML-25M shape on one thread (BENCHMARKS.md, the second 25M run, with
+# the budgets of large_run_models.toml): how --lanes shares the groups out between cores.
+GROUP_MINUTES = {"cf": 50, "mf": 70, "ctr": 21, "sequence": 16, "embedding": 10}
+# A group that builds on another's models runs after it, in the same lane.
+AFTER = {"embedding": "mf"}
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -110,8 +115,30 @@ def _sample_rss(pid: int, csv: Path, label: str, done: threading.Event) -> None:
             done.wait(0.5)
 
 
-def drive(home: Path, shape: dict, model_config: Path, groups: list[str]) -> int:
-    """Prepare once, then every group, then the leaderboard over every family."""
+def plan_lanes(groups: list[str], lanes: int) -> list[list[str]]:
+    """Share ``groups`` out between ``lanes`` that run side by side, each its groups in turn:
+    longest first onto the least loaded lane, a group and the one it builds on (AFTER) kept
+    together in that order, and each lane in the order the groups were asked for."""
+    units = [[g] for g in groups if AFTER.get(g) not in groups]
+    for group in groups:
+        if AFTER.get(group) in groups:
+            next(u for u in units if AFTER[group] in u).append(group)
+    plan: list[list[str]] = [[] for _ in range(max(1, min(lanes, len(units))))]
+    load = [0] * len(plan)
+    for unit in sorted(units, key=lambda u: -sum(GROUP_MINUTES.get(g, 0) for g in u)):
+        lane = load.index(min(load))
+        plan[lane].extend(unit)
+        load[lane] += sum(GROUP_MINUTES.get(g, 0) for g in unit)
+    order = {g: i for i, g in enumerate(groups)}
+    return [
+        sorted(lane, key=lambda g: order[AFTER[g]] + 0.5 if g in AFTER and AFTER[g] in lane else order[g])
+        for lane in plan
+        if lane
+    ]
+
+
+def drive(home: Path, shape: dict, model_config: Path, groups: list[str], lanes: int = 1) -> int:
+    """Prepare once, then every group (in ``lanes`` side by side), then the leaderboard."""
     bench = home / "bench"
     state = _load_state(home)
     rss = bench / "rss.csv"
@@ -127,17 +154,28 @@ def drive(home: Path, shape: dict, model_config: Path, groups: list[str]) -> int
     if not groups:
         print(report(home), flush=True)
         return 0
-    failed = []
-    for group in groups:
-        families = GROUPS[group]
-        select = ",".join(f"model_{f}*" for f in families)
-        print(f"[{time.strftime('%H:%M:%S')}] {group}: {', '.join(families)}", flush=True)
-        code = _recsys_run(
-            select, _env(home, shape, model_config, families), bench / f"{group}.log", rss, group
-        )
-        if code != 0:
-            failed.append(group)
-            print(f"{group} failed (exit {code}); see {bench / f'{group}.log'}; going on", flush=True)
+    failed: list[str] = []
+
+    def run_lane(lane: list[str]) -> None:
+        for group in lane:
+            families = GROUPS[group]
+            select = ",".join(f"model_{f}*" for f in families)
+            print(f"[{time.strftime('%H:%M:%S')}] {group}: {', '.join(families)}", flush=True)
+            env = _env(home, shape, model_config, families)
+            code = _recsys_run(select, env, bench / f"{group}.log", rss, group)
+            if code != 0:
+                failed.append(group)
+                print(f"{group} failed (exit {code}); see {bench / f'{group}.log'}; going on", flush=True)
+
+    plan = plan_lanes(groups, lanes)
+    if len(plan) > 1:
+        shown = " | ".join(", ".join(lane) for lane in plan)
+        print(f"lanes, one `recsys run` at a time in each: {shown}", flush=True)
+    threads = [threading.Thread(target=run_lane, args=(lane,)) for lane in plan]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     print(f"[{time.strftime('%H:%M:%S')}] leaderboard over every family", flush=True)
     code = _recsys_run(
         "leaderboard", _env(home, shape, model_config), bench / "leaderboard.log", rss, "leaderboard"
@@ -218,20 +256,22 @@ def _pick(runs: list[Step]) -> Step | None:
     return (worked or ok or runs or [None])[-1]
 
 
-def _rss_samples(home: Path) -> list[tuple[float, int]]:
+def _rss_samples(home: Path) -> list[tuple[float, int, str]]:
     path = home / "bench" / "rss.csv"
     if not path.exists():
         return []
     rows = []
     for line in path.read_text().splitlines():
-        stamp, rss, _ = line.split(",", 2)
-        rows.append((float(stamp), int(rss)))
+        stamp, rss, label = line.split(",", 2)
+        rows.append((float(stamp), int(rss), label))
     return rows
 
 
-def _peak_gib(samples: list[tuple[float, int]], step: Step) -> str:
+def _peak_gib(samples: list[tuple[float, int, str]], step: Step, label: str) -> str:
+    """Peak RSS of the `recsys run` labelled ``label`` (its group, or prepare) while ``step`` ran:
+    with --lanes two runs overlap, and each step belongs to one of them."""
     end = step.end or time.time()
-    inside = [rss for stamp, rss in samples if step.start - 0.5 <= stamp <= end + 0.5]
+    inside = [rss for stamp, rss, lab in samples if lab == label and step.start - 0.5 <= stamp <= end + 0.5]
     return f"{max(inside) / 2**30:.2f}" if inside else "-"
 
 
@@ -275,7 +315,8 @@ def report(home: Path) -> str:
             continue
         wall = step.end - step.start if step.end else None
         total += wall or 0.0
-        lines.append(f"{key:<20} {step.status:<8} {_clock(wall):>7} {_peak_gib(samples, step):>13}")
+        peak = _peak_gib(samples, step, "prepare")
+        lines.append(f"{key:<20} {step.status:<8} {_clock(wall):>7} {peak:>13}")
     lines.append(f"{'data stages':<20} {'':<8} {_clock(total):>7}")
     warehouse = home / "warehouse.duckdb"
     if warehouse.exists():
@@ -291,6 +332,7 @@ def report(home: Path) -> str:
 
 
 def _family_line(name: str, steps: dict[str, list[Step]], samples) -> str:
+    group = next(g for g, families in GROUPS.items() if name in families)
     model = _pick(steps.get(f"model_{name}", []))
     if model is None:
         return f"{name:<14} pending"
@@ -306,7 +348,7 @@ def _family_line(name: str, steps: dict[str, list[Step]], samples) -> str:
     blessed = str(e.get("blessed", "-"))
     status = model.status if model.status != "ok" else "trained" if evaluation is None else evaluation.status
     return (f"{name:<14} {status:<8} {_clock(fit):>7} {epochs!s:>6} {budget:>6} "
-            f"{_samples_per_s(m.get('history')):>10} {_peak_gib(samples, model):>12} "
+            f"{_samples_per_s(m.get('history')):>10} {_peak_gib(samples, model, group):>12} "
             f"{_clock(_wall(onnx)):>7} {_clock(_wall(evaluation)):>7}  {metric:<24} {popularity:>10} "
             f"{blessed:>7}")  # fmt: skip
 
@@ -328,6 +370,8 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=SHAPE_25M["items"])
     parser.add_argument("--model-config", type=Path, default=DEFAULT_MODELS, help="the budgets TOML")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="groups side by side in this many lanes (2 on a 2-core machine)")  # fmt: skip
     parser.add_argument("--status", action="store_true", help="print progress and the table so far")
     parser.add_argument("--prepare-only", action="store_true", help="only the data stages (benchmark them)")
     parser.add_argument("--wait", action="store_true", help="run in the foreground")
@@ -340,6 +384,8 @@ def main() -> int:
         print(report(home))
         return 0
     groups = [] if args.prepare_only else [g.strip() for g in args.groups.split(",") if g.strip()]
+    if args.lanes < 1:
+        parser.error(f"--lanes must be at least 1, got {args.lanes}")
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         parser.error(f"--groups: unknown {unknown}; known: {', '.join(GROUPS)}")
@@ -357,14 +403,15 @@ def main() -> int:
             parser.error(f"a background run (pid {pid}) is working on {home}; wait for it or use --status")
         _save_state(home, {**state, "shape": shape, "model_config": str(model_config)})
         (home / "bench" / "driver.pid").write_text(str(os.getpid()))
-        return drive(home, shape, model_config, groups)
+        return drive(home, shape, model_config, groups, args.lanes)
     if pid := _driver_alive(home):
         print(f"already running in the background (pid {pid}); progress: --status")
         return 0
     log = home / "bench" / "driver.log"
     argv = [sys.executable, str(Path(__file__).resolve()), "--drive", "--home", str(home),
             "--events", str(args.events), "--users", str(args.users), "--items", str(args.items),
-            "--model-config", str(model_config), "--groups", ",".join(groups)]  # fmt: skip
+            "--model-config", str(model_config), "--groups", ",".join(groups),
+            "--lanes", str(args.lanes)]  # fmt: skip
     if args.prepare_only:
         argv.append("--prepare-only")
     with log.open("a") as out:  # a new session: closing the terminal does not stop it (nohup)
