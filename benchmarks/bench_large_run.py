@@ -2,6 +2,7 @@
 resumable, in the background.
 
     python benchmarks/bench_large_run.py --home ~/recsys-25m            # starts in the background
+    python benchmarks/bench_large_run.py --home ~/recsys-25m --lanes 2  # two groups at a time
     python benchmarks/bench_large_run.py --home ~/recsys-25m --status   # progress and the table
     python benchmarks/bench_large_run.py --home ~/recsys-200k --events 200000 --users 2000 \\
         --items 3000 --wait                                             # small, in the foreground
@@ -11,7 +12,9 @@ It prepares the warehouse and the snapshot once (`recsys run --select
 '*training_snapshot,baseline_metrics'`: ingest, `dbt build`, mart contracts, snapshot,
 baselines), then runs the families in groups, each a `recsys run` of its model chains with
 `RECSYS_FAMILIES` set to the group, one log file per group under `<home>/bench/`, and finally
-the leaderboard over every family. Run it again (after a crash, a reboot or an edit to one
+the leaderboard over every family. With `--lanes N` the groups run in N lanes side by side (each
+family trains on one thread by default, so 2 lanes use a 2-core machine), emb_knn's group after
+mf's in the same lane. Run it again (after a crash, a reboot or an edit to one
 family) and the data stages are skipped while the reuse keys skip every family already
 trained, exported and evaluated on the same snapshot, config and code.
 
