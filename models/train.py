@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models.distributed import Ranks
+from models.lazy_sgd import LazySGD, rows_caught_up
 from models.runtime import Budget, Runtime, Stepper, current_runtime, record_loop, state_copy, to_device
 
 Log = Callable[[str], None]
@@ -101,9 +102,11 @@ def format_row(family: str, row: dict) -> str:
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                    sparse: Sequence[nn.Parameter] = ()):  # fmt: skip
     """Adam or SGD over ``params``. With ``sparse`` (weights of tables that give sparse gradients,
-    ``sparse_tables``; Adam only) those go to ``torch.optim.SparseAdam``, a lazy Adam: only the
-    rows a batch touched update their moments and move, where dense Adam moves every row at every
-    step. Same betas, eps and learning rate; the rest stays with Adam.
+    ``sparse_tables``; no weight decay) those go, with Adam, to ``torch.optim.SparseAdam``, a lazy
+    Adam: only the rows a batch touched update their moments and move, where dense Adam moves
+    every row at every step (same betas, eps and learning rate; another optimiser). With SGD they
+    go to ``models.lazy_sgd.LazySGD``, the same momentum SGD as the dense one at the cost of the
+    touched rows (the loop calls ``catch_up`` before it reads the weights). The rest stays dense.
 
     Adam and SGD step all their tensors at once (``foreach``, torch's default only on CUDA):
     on CPU that is the same arithmetic per element, so the same weights bit for bit, with one
@@ -112,12 +115,16 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_d
     if name not in ("adam", "sgd"):
         raise ValueError(f"optimizer {name!r} is not one of 'adam', 'sgd'")
     if sparse:
-        if name != "adam" or weight_decay:
-            raise ValueError("sparse embedding gradients need Adam without weight_decay")
+        if weight_decay:
+            raise ValueError("sparse embedding gradients need an optimiser without weight_decay")
         lazy = {id(p) for p in sparse}
         dense = [p for p in params if id(p) not in lazy]
-        optimizers = [torch.optim.SparseAdam(list(sparse), lr=lr)]
-        head = [torch.optim.Adam(dense, lr=lr, foreach=True)] if dense else []
+        if name == "adam":
+            optimizers = [torch.optim.SparseAdam(list(sparse), lr=lr)]
+            head = [torch.optim.Adam(dense, lr=lr, foreach=True)] if dense else []
+        else:
+            optimizers = [LazySGD(list(sparse), lr=lr, momentum=momentum)]
+            head = [torch.optim.SGD(dense, lr=lr, momentum=momentum, foreach=True)] if dense else []
         return Optimizers([*head, *optimizers])
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
@@ -137,6 +144,17 @@ class Optimizers:
     def step(self) -> None:
         for optimizer in self.optimizers:
             optimizer.step()
+
+    def catch_up(self) -> None:
+        for optimizer in self.optimizers:
+            catch_up(optimizer)
+
+
+def catch_up(optimizer) -> None:
+    """Bring a lazy optimiser's rows to the dense algorithm's weights (``LazySGD``); others have
+    nothing to do."""
+    if hasattr(optimizer, "catch_up"):
+        optimizer.catch_up()
 
 
 def sparse_tables(module: nn.Module, min_rows: int) -> dict[str, nn.Embedding]:
@@ -214,10 +232,11 @@ def train_torch(
     Either way the best validated weights are kept and the loop's report (``record_loop``) says
     ``budget_hit: true``. Returns one history row per validated epoch.
 
-    Sparse tables: with Adam (no weight decay) in one process, embedding tables of at least the
-    runtime's ``sparse_min_rows`` rows train with sparse gradients and a lazy Adam
-    (``make_optimizer``); the report names them (``sparse_tables``). ``sparse=False`` keeps every
-    table dense (a loss that reads a whole table's weight).
+    Sparse tables: without weight decay, in one process, embedding tables of at least the
+    runtime's ``sparse_min_rows`` rows train with sparse gradients, with a lazy Adam or the
+    dense-equivalent ``LazySGD`` (``make_optimizer``); the report names them
+    (``sparse_tables``). ``sparse=False`` keeps every table dense (a loss that reads a whole
+    table's weight).
 
     With ``world_size`` > 1 processes (``models.distributed.Ranks``), ``batch_size`` is the global
     batch: each rank steps on its part of it; ``evaluate`` runs on rank 0 only; the history's loss
@@ -230,7 +249,7 @@ def train_torch(
     device = rt.torch_device
     torch.manual_seed(seed)
     module.to(device)
-    lazy = sparse_tables(module, rt.sparse_rows if sparse and optimizer == "adam" and not weight_decay else 0)
+    lazy = sparse_tables(module, rt.sparse_rows if sparse and not weight_decay else 0)
     opt = make_optimizer(list(module.parameters()), optimizer, lr, momentum, weight_decay,
                          sparse=[t.weight for t in lazy.values()])  # fmt: skip
     stepper = Stepper(opt, rt)
@@ -238,7 +257,7 @@ def train_torch(
     ranks = Ranks(rt, module, loss_fn, seed, family)
     history: list[dict] = []
     best, best_state, bad, stopped = None, state_copy(module), 0, "epochs"
-    with sparse_gradients(lazy):
+    with sparse_gradients(lazy), rows_caught_up(lazy, opt):
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             module.train()
@@ -267,6 +286,7 @@ def train_torch(
                 )
                 stopped = "budget"
                 break
+            catch_up(opt)  # a lazy SGD's idle rows move to where dense SGD has them
             module.eval()
             with torch.no_grad():
                 metric = ranks.metric(evaluate)
