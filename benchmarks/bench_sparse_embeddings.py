@@ -1,4 +1,5 @@
-"""Dense Adam against sparse gradients + a lazy Adam (``RECSYS_SPARSE_MIN_ROWS``).
+"""Dense Adam against sparse gradients + a lazy Adam (``RECSYS_SPARSE_MIN_ROWS``); for the SGD
+families (mf_sgd) dense momentum SGD against ``models.lazy_sgd.LazySGD`` on the same tables.
 
 Two parts, each alternating the two paths in one process (one torch thread):
 
