@@ -27,7 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # in-memory loop's exactly.
 DEFAULT_BUFFER_ROWS = 1 << 18
 # Embedding tables with at least this many rows train with sparse gradients and a lazy Adam
-# (``models.train.make_optimizer``): dense Adam updates every row of every table at every step,
+# or ``LazySGD`` (``models.train.make_optimizer``): dense Adam updates every row of every table at every step,
 # so its step time grows with the catalogue (a 221k-row table: 74 ms against 7.7 ms per step),
 # while below ~10k rows the dense step is the faster one (BENCHMARKS.md, "Sparse embedding
 # gradients"). The default data's tables (under 3k rows) stay dense.

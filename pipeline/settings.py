@@ -23,7 +23,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_DEVICE`` | ``auto`` | torch training: ``auto`` (CUDA if present) \\| ``cpu`` \\| ``cuda[:N]`` |
 | ``RECSYS_TORCH_THREADS`` | 1 | CPU threads of torch training (BENCHMARKS.md, "Training threads") |
 | ``RECSYS_STREAM_BUFFER_ROWS`` | 262144 | rows the streaming loader shuffles together (memory ~ this) |
-| ``RECSYS_SPARSE_MIN_ROWS`` | 20000 | tables this large: sparse gradients, lazy Adam (0: none) |
+| ``RECSYS_SPARSE_MIN_ROWS`` | 20000 | tables this large: sparse gradients, lazy Adam / LazySGD (0: none) |
 | ``RECSYS_TRAIN_PROCS`` | 1 | processes per gradient-trained fit; > 1: DDP under ``torchrun`` |
 | ``RECSYS_DUCKDB_MEMORY_LIMIT`` | ``2GB`` | DuckDB memory limit (it spills beyond) |
 | ``RECSYS_WAREHOUSE`` | ``duckdb`` | where dbt builds: ``duckdb`` \| ``spark`` (warehouse_spark.py) |
