@@ -14,9 +14,10 @@ baselines), then runs the families in groups, each a `recsys run` of its model c
 `RECSYS_FAMILIES` set to the group, one log file per group under `<home>/bench/`, and finally
 the leaderboard over every family. With `--lanes N` the groups run in N lanes side by side (each
 family trains on one thread by default, so 2 lanes use a 2-core machine), emb_knn's group after
-mf's in the same lane. Run it again (after a crash, a reboot or an edit to one
-family) and the data stages are skipped while the reuse keys skip every family already
-trained, exported and evaluated on the same snapshot, config and code.
+mf's in the same lane, and the home's instance lets N model steps train at once (its
+`model_training` pool; the project's default is one at a time). Run it again (after a crash, a
+reboot or an edit to one family) and the data stages are skipped while the reuse keys skip
+every family already trained, exported and evaluated on the same snapshot, config and code.
 
 Budgets: `--model-config` (default `benchmarks/large_run_models.toml`) becomes
 RECSYS_MODEL_CONFIG; it sets only `max_minutes` per gradient-trained family.
@@ -171,6 +172,7 @@ def drive(home: Path, shape: dict, model_config: Path, groups: list[str], lanes:
                 print(f"{group} failed (exit {code}); see {bench / f'{group}.log'}; going on", flush=True)
 
     plan = plan_lanes(groups, lanes)
+    _training_slots(home, len(plan))
     if len(plan) > 1:
         shown = " | ".join(", ".join(lane) for lane in plan)
         print(f"lanes, one `recsys run` at a time in each: {shown}", flush=True)
@@ -185,6 +187,19 @@ def drive(home: Path, shape: dict, model_config: Path, groups: list[str], lanes:
     )
     print(report(home), flush=True)
     return 1 if failed or code != 0 else 0
+
+
+def _training_slots(home: Path, slots: int) -> None:
+    """Let ``slots`` model steps train at once on this home's instance. The project's instance
+    runs one step at a time per pool across runs (``default_limit: 1``: one training at a time on
+    a small machine), so without this the lanes would only overlap exports and evaluations."""
+    import dagster as dg
+
+    from orchestration.assets.families import TRAINING_POOL
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        instance.event_log_storage.set_concurrency_slots(TRAINING_POOL, slots)
+    print(f"pool {TRAINING_POOL}: {slots} step(s) at once on this home's instance", flush=True)
 
 
 def _load_state(home: Path) -> dict:

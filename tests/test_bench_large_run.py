@@ -47,3 +47,18 @@ def test_lanes_below_one_is_refused(monkeypatch, tmp_path, capsys):
         bench.main()
     assert stop.value.code == 2
     assert "--lanes must be at least 1" in capsys.readouterr().err
+
+
+def test_lanes_let_that_many_model_steps_train_at_once_on_the_homes_instance(tmp_path):
+    """The project's instance runs one step per pool at a time across runs: the lanes raise the
+    training pool to their count on the benchmark's own instance, and one lane sets it back."""
+    import dagster as dg
+
+    from orchestration.assets.families import TRAINING_POOL
+
+    (tmp_path / "dagster").mkdir()
+    (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    for slots in (2, 1):
+        bench._training_slots(tmp_path, slots)
+        with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+            assert instance.event_log_storage.get_concurrency_info(TRAINING_POOL).slot_count == slots
