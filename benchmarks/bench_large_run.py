@@ -13,9 +13,10 @@ It prepares the warehouse and the snapshot once (`recsys run --select
 baselines), then runs the families in groups, each a `recsys run` of its model chains with
 `RECSYS_FAMILIES` set to the group, one log file per group under `<home>/bench/`, and finally
 the leaderboard over every family. With `--lanes N` the groups run in N lanes side by side (each
-family trains on one thread by default, so 2 lanes use a 2-core machine), emb_knn's group after
-mf's in the same lane, and the home's instance lets N model steps train at once (its
-`model_training` pool; the project's default is one at a time). Run it again (after a crash, a
+family trains on one thread by default, so 2 lanes use a 2-core machine): a free lane takes the
+next group, longest first, emb_knn's group right after mf's in the same lane, and the home's
+instance lets N model steps train at once (its `model_training` pool; the project's default is
+one at a time). Run it again (after a crash, a
 reboot or an edit to one family) and the data stages are skipped while the reuse keys skip
 every family already trained, exported and evaluated on the same snapshot, config and code.
 
@@ -119,26 +120,17 @@ def _sample_rss(pid: int, csv: Path, label: str, done: threading.Event) -> None:
             done.wait(0.5)
 
 
-def plan_lanes(groups: list[str], lanes: int) -> list[list[str]]:
-    """Share ``groups`` out between ``lanes`` that run side by side, each its groups in turn:
-    longest first onto the least loaded lane, a group and the one it builds on (AFTER) kept
-    together in that order, and each lane in the order the groups were asked for."""
+def plan_units(groups: list[str], lanes: int) -> list[list[str]]:
+    """The work units the lanes take in turn: each group with the groups that build on it
+    (AFTER) right after it, longest first (GROUP_MINUTES), so that the free lane takes the next
+    and the lanes end close together. One lane: every group in one unit, in the order asked."""
     units = [[g] for g in groups if AFTER.get(g) not in groups]
     for group in groups:
         if AFTER.get(group) in groups:
             next(u for u in units if AFTER[group] in u).append(group)
-    plan: list[list[str]] = [[] for _ in range(max(1, min(lanes, len(units))))]
-    load = [0] * len(plan)
-    for unit in sorted(units, key=lambda u: -sum(GROUP_MINUTES.get(g, 0) for g in u)):
-        lane = load.index(min(load))
-        plan[lane].extend(unit)
-        load[lane] += sum(GROUP_MINUTES.get(g, 0) for g in unit)
-    order = {g: i for i, g in enumerate(groups)}
-    return [
-        sorted(lane, key=lambda g: order[AFTER[g]] + 0.5 if g in AFTER and AFTER[g] in lane else order[g])
-        for lane in plan
-        if lane
-    ]
+    if lanes <= 1:
+        return [[g for unit in units for g in unit]] if units else []
+    return sorted(units, key=lambda u: -sum(GROUP_MINUTES.get(g, 0) for g in u))
 
 
 def drive(home: Path, shape: dict, model_config: Path, groups: list[str], lanes: int = 1) -> int:
@@ -160,23 +152,32 @@ def drive(home: Path, shape: dict, model_config: Path, groups: list[str], lanes:
         return 0
     failed: list[str] = []
 
-    def run_lane(lane: list[str]) -> None:
-        for group in lane:
-            families = GROUPS[group]
-            select = ",".join(f"model_{f}*" for f in families)
-            print(f"[{time.strftime('%H:%M:%S')}] {group}: {', '.join(families)}", flush=True)
-            env = _env(home, shape, model_config, families)
-            code = _recsys_run(select, env, bench / f"{group}.log", rss, group)
-            if code != 0:
-                failed.append(group)
-                print(f"{group} failed (exit {code}); see {bench / f'{group}.log'}; going on", flush=True)
+    units = plan_units(groups, lanes)
+    queue = list(units)
+    taking = threading.Lock()
 
-    plan = plan_lanes(groups, lanes)
-    _training_slots(home, len(plan))
-    if len(plan) > 1:
-        shown = " | ".join(", ".join(lane) for lane in plan)
-        print(f"lanes, one `recsys run` at a time in each: {shown}", flush=True)
-    threads = [threading.Thread(target=run_lane, args=(lane,)) for lane in plan]
+    def run_lane() -> None:
+        while True:
+            with taking:  # the next unit to whichever lane is free
+                if not queue:
+                    return
+                unit = queue.pop(0)
+            for group in unit:
+                families = GROUPS[group]
+                select = ",".join(f"model_{f}*" for f in families)
+                print(f"[{time.strftime('%H:%M:%S')}] {group}: {', '.join(families)}", flush=True)
+                env = _env(home, shape, model_config, families)
+                code = _recsys_run(select, env, bench / f"{group}.log", rss, group)
+                if code != 0:
+                    failed.append(group)
+                    print(f"{group} failed (exit {code}); see {bench / f'{group}.log'}; going on", flush=True)
+
+    n_lanes = max(1, min(lanes, len(units)))
+    _training_slots(home, n_lanes)
+    if n_lanes > 1:
+        shown = " | ".join(", ".join(unit) for unit in units)
+        print(f"{n_lanes} lanes, each taking the next of: {shown}", flush=True)
+    threads = [threading.Thread(target=run_lane) for _ in range(n_lanes)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -14,23 +14,46 @@ import bench_large_run as bench  # noqa: E402
 
 
 def test_one_lane_runs_every_group_in_the_order_asked_with_embedding_after_mf():
-    assert bench.plan_lanes(["embedding", "cf", "mf", "ctr"], 1) == [["cf", "mf", "embedding", "ctr"]]
+    assert bench.plan_units(["embedding", "cf", "mf", "ctr"], 1) == [["cf", "mf", "embedding", "ctr"]]
 
 
-def test_two_lanes_balance_the_measured_minutes_and_keep_embedding_with_mf():
-    plan = bench.plan_lanes(list(bench.GROUPS), 2)
-    assert len(plan) == 2
-    assert sorted(g for lane in plan for g in lane) == sorted(bench.GROUPS)
-    mf_lane = next(lane for lane in plan if "mf" in lane)
-    assert mf_lane.index("embedding") > mf_lane.index("mf")
-    loads = [sum(bench.GROUP_MINUTES[g] for g in lane) for lane in plan]
-    # longest first onto the least loaded lane: no move of one unit evens them out further
-    assert max(loads) - min(loads) <= min(bench.GROUP_MINUTES.values())
+def test_lanes_take_units_longest_first_with_embedding_right_after_mf():
+    units = bench.plan_units(list(bench.GROUPS), 2)
+    assert sorted(g for unit in units for g in unit) == sorted(bench.GROUPS)
+    assert ["mf", "embedding"] in units
+    minutes = [sum(bench.GROUP_MINUTES[g] for g in unit) for unit in units]
+    assert minutes == sorted(minutes, reverse=True)
+    assert bench.plan_units(["embedding", "ctr"], 2) == [["ctr"], ["embedding"]]  # mf not asked for
 
 
-def test_more_lanes_than_groups_gives_one_lane_per_group():
-    assert bench.plan_lanes(["ctr", "sequence"], 4) == [["ctr"], ["sequence"]]
-    assert bench.plan_lanes(["embedding"], 2) == [["embedding"]]
+def test_two_lanes_run_side_by_side_and_the_free_one_takes_the_next_unit(monkeypatch, tmp_path):
+    """The driver's lanes, with `recsys run` replaced by a recorder whose mf run lasts until ctr
+    has run: the other lane takes every later unit, and the two overlap."""
+    import threading
+
+    seen, mf_running, ctr_done = [], threading.Event(), threading.Event()
+
+    def fake_run(select, env, log, rss, label):
+        seen.append((label, threading.get_ident()))
+        if label == "mf":
+            mf_running.set()
+            assert ctr_done.wait(60), "the other lane did not take cf and ctr"
+        elif label == "cf":
+            assert mf_running.wait(60), "the second lane did not run beside the first"
+        elif label == "ctr":
+            ctr_done.set()
+        return 0
+
+    monkeypatch.setattr(bench, "_recsys_run", fake_run)
+    monkeypatch.setattr(bench, "_training_slots", lambda home, slots: None)
+    monkeypatch.setattr(bench, "report", lambda home: "")
+    (tmp_path / "bench").mkdir()
+    bench._save_state(tmp_path, {"prepared": True})
+    groups = ["cf", "mf", "ctr", "embedding"]
+    assert bench.drive(tmp_path, bench.SHAPE_25M, tmp_path / "m.toml", groups, 2) == 0
+    lanes = {label: ident for label, ident in seen}
+    assert lanes["embedding"] == lanes["mf"] != lanes["cf"] == lanes["ctr"]
+    assert [label for label, _ in seen][-1] == "leaderboard"
 
 
 def test_a_steps_peak_reads_only_its_own_runs_samples():
