@@ -17,7 +17,7 @@ import numpy as np
 from export.golden import write_golden
 from export.lineage import Lineage, code_version, config_sha256, stamp_onnx, write_lineage_json
 from export.onnx_export import TopKScorer, export_onnx, export_topk_onnx, topk_spec
-from export.parity import ParityReport, parity_gate, standard_cases
+from export.parity import ParityReport, parity_batch, parity_gate, standard_cases
 from export.signature import graph_signature, write_signature
 
 GOLDEN_ROWS = 8
@@ -81,14 +81,17 @@ def export_family(
     onnx_path = export_onnx(scorer, spec, out_dir / "model.onnx")
 
     rng = np.random.default_rng(0)
-    cases = standard_cases(spec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta))
+    rows = parity_batch(spec)  # the top-K graph scores the same full rows inside
+    cases = standard_cases(spec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta), batch_n=rows)
     report = parity_gate(scorer, onnx_path, cases)
     task = str(model.task.value if hasattr(model.task, "value") else model.task)
     topk_k = spec.topk if task == "topk" else None
     if topk_k:
         topk_path = export_topk_onnx(scorer, spec, topk_k, out_dir / "model_topk.onnx")
         tspec = topk_spec(scorer, spec, topk_k)
-        topk_cases = standard_cases(tspec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta))
+        topk_cases = standard_cases(
+            tspec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta), batch_n=rows
+        )
         topk_report = parity_gate(TopKScorer(scorer, topk_k, spec), topk_path, topk_cases)
         report = ParityReport(
             passed=report.passed and topk_report.passed,
@@ -108,7 +111,10 @@ def export_family(
     graphs: dict[str, dict] = {}
     for graph, (module, graph_spec) in (extra_graphs() if extra_graphs else {}).items():
         path = export_onnx(module.eval(), graph_spec, out_dir / f"{graph}.onnx")
-        graph_cases = standard_cases(graph_spec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta))
+        graph_cases = standard_cases(
+            graph_spec, meta["n_items"], meta["n_users"], rng, _cardinalities(meta),
+            batch_n=parity_batch(graph_spec),
+        )  # fmt: skip
         report = _fold(report, parity_gate(module, path, graph_cases), graph)
         graphs[graph] = graph_signature(graph_spec, path.name)
 

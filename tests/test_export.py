@@ -36,7 +36,7 @@ from export.onnx_export import (
     export_topk_onnx,
     topk_spec,
 )
-from export.parity import ParityError, parity_gate, require_parity, standard_cases
+from export.parity import PARITY_BATCH, ParityError, parity_batch, parity_gate, require_parity, standard_cases
 from export.runtime import ModelFileError, OrtScorer
 from export.signature import write_signature
 
@@ -464,3 +464,22 @@ def test_torch_registry_is_built_once_and_the_files_are_the_same(tmp_path: Path,
     assert len(built) == 2
     graphs = {onnx.load(str(p)).graph.SerializeToString() for p in (*shared, own)}
     assert len(graphs) == 1
+
+
+def test_the_batch_case_shrinks_where_each_row_scores_a_large_catalogue():
+    """257 rows of a user's scores over 59k items through an MLP tower held ~19 GiB in the parity
+    gate at ML-25M shape: the batch case keeps rows x output cells within a budget, odd, and keeps
+    257 for the default data's 1,682 items and for one-score-per-row graphs."""
+
+    def spec(*outputs):
+        user = TensorSpec("user_idx", "int64", ("batch",))
+        return ExportSpec(inputs=(user,), outputs=outputs, example_inputs=(torch.tensor([0, 1]),))
+
+    scores = lambda n: TensorSpec("scores", "float32", ("batch", n))  # noqa: E731
+    assert parity_batch(spec(TensorSpec("rating", "float32", ("batch",)))) == PARITY_BATCH
+    assert parity_batch(spec(scores(1682))) == PARITY_BATCH
+    wide = parity_batch(spec(scores(59_047)))
+    assert wide % 2 == 1 and 3 <= wide < PARITY_BATCH and wide * 59_047 <= 1 << 21
+    assert parity_batch(spec(scores(10_000_000))) == 3
+    cases = standard_cases(spec(scores(59_047)), 59_047, 1000, np.random.default_rng(0), batch_n=wide)
+    assert cases[f"batch_{wide}"][0].shape == (wide,)
