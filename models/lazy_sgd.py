@@ -38,22 +38,27 @@ class LazySGD(torch.optim.Optimizer):
             raise ValueError("LazySGD takes one parameter group")
         self.steps = 0  # steps taken; a row's `last` is the step that last moved it
 
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["buf"] = torch.zeros_like(p)
-            state["last"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
-        return state
-
-    @staticmethod
-    def _idle(buf: torch.Tensor, idle: torch.Tensor, lr: float, mu: float) -> tuple[torch.Tensor, ...]:
-        """For rows idle ``idle`` steps with buffers ``buf``: their decayed buffers and the move
-        ``-lr v (mu + ... + mu^t)`` that dense SGD gave them over those steps."""
-        decay = torch.pow(torch.tensor(mu, dtype=buf.dtype, device=buf.device), idle.to(buf.dtype))
-        shape = (-1,) + (1,) * (buf.dim() - 1)
-        decay = decay.reshape(shape)
+    @torch.no_grad()
+    def _advance(self, p: torch.Tensor, rows: torch.Tensor | None, to_step: int) -> None:
+        """Move ``rows`` of ``p`` (unique; None: all) over the steps since each last moved up to
+        ``to_step``, where no batch read them: ``v <- mu^t v``, ``p <- p - lr v (mu + ... + mu^t)``."""
+        state, (lr, mu) = self.state.get(p), (self.param_groups[0]["lr"], self.param_groups[0]["momentum"])
+        if not state or mu == 0.0:
+            return
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        buf = pick(state["buf"])
+        idle = (to_step - pick(state["last"])).to(buf.dtype)
+        decay = torch.pow(torch.tensor(mu, dtype=buf.dtype, device=buf.device), idle)
+        decay = decay.reshape((-1,) + (1,) * (buf.dim() - 1))
         move = buf * (-lr * mu / (1.0 - mu)) * (1.0 - decay)
-        return buf * decay, move
+        if rows is None:
+            p.add_(move)
+            state["buf"].mul_(decay)
+            state["last"].fill_(to_step)
+        else:
+            p.index_add_(0, rows, move)
+            state["buf"].index_copy_(0, rows, buf * decay)
+            state["last"][rows] = to_step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,54 +67,37 @@ class LazySGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.steps += 1
-        for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not p.grad.is_sparse:
-                    raise ValueError("LazySGD steps tables with sparse gradients (nn.Embedding(sparse=True))")
-                grad = p.grad.coalesce()
-                rows, g = grad.indices()[0], grad.values()
-                if mu == 0.0:
-                    p.index_add_(0, rows, g, alpha=-lr)
-                    continue
-                state = self._state(p)
-                buf, move = self._idle(state["buf"][rows], self.steps - 1 - state["last"][rows], lr, mu)
-                buf = buf * mu + g
-                p.index_copy_(0, rows, p[rows] + move - lr * buf)
-                state["buf"].index_copy_(0, rows, buf)
-                state["last"][rows] = self.steps
+        lr, mu = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
+        for p in self.param_groups[0]["params"]:
+            if p.grad is None:
+                continue
+            if not p.grad.is_sparse:
+                raise ValueError("LazySGD steps tables with sparse gradients (nn.Embedding(sparse=True))")
+            grad = p.grad.coalesce()
+            rows, g = grad.indices()[0], grad.values()
+            if mu == 0.0:
+                p.index_add_(0, rows, g, alpha=-lr)
+                continue
+            state = self.state[p]
+            if not state:
+                state["buf"] = torch.zeros_like(p)
+                state["last"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+            self._advance(p, rows, self.steps - 1)  # rows a lookup did not bring up to date
+            buf = state["buf"][rows] * mu + g
+            p.index_add_(0, rows, -lr * buf)
+            state["buf"].index_copy_(0, rows, buf)
+            state["last"][rows] = self.steps
         return loss
 
-    @torch.no_grad()
     def catch_up_rows(self, p: torch.Tensor, index: torch.Tensor) -> None:
         """Bring the rows of ``p`` that ``index`` reads to where dense SGD has them now."""
-        state = self.state.get(p)
-        mu = self.param_groups[0]["momentum"]
-        if not state or mu == 0.0:
-            return
         rows = torch.unique(index.reshape(-1))
-        rows = rows[(rows >= 0) & (rows < p.shape[0])]
-        lr = self.param_groups[0]["lr"]
-        buf, move = self._idle(state["buf"][rows], self.steps - state["last"][rows], lr, mu)
-        p.index_add_(0, rows, move)
-        state["buf"].index_copy_(0, rows, buf)
-        state["last"][rows] = self.steps
+        self._advance(p, rows[(rows >= 0) & (rows < p.shape[0])], self.steps)
 
-    @torch.no_grad()
     def catch_up(self) -> None:
         """Bring every row to where dense SGD has it after ``steps`` steps."""
-        for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or mu == 0.0:
-                    continue
-                buf, move = self._idle(state["buf"], self.steps - state["last"], lr, mu)
-                p.add_(move)
-                state["buf"].copy_(buf)
-                state["last"].fill_(self.steps)
+        for p in self.param_groups[0]["params"]:
+            self._advance(p, None, self.steps)
 
 
 @contextmanager
