@@ -173,21 +173,38 @@ def evaluate_topk_onnx(
 # ----------------------------------------------------------------------------- CTR
 
 
+def _ctr_history_width(signature: dict) -> int | None:
+    """The history width to read: 1 (none decoded) when the graph takes no ``history``, its fixed
+    width when it has one, else None (the snapshot's ``max_history_len``, every stored event)."""
+    spec = next((s for s in signature["inputs"] if s["name"] == "history"), None)
+    if spec is None:
+        return 1
+    return spec["shape"][1] if isinstance(spec["shape"][1], int) else None
+
+
 def evaluate_ctr_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, float]:
+    """CTR metrics of the test split, read in row groups and scored ``BATCH`` rows at a time.
+
+    Only the labels, user indices and logits of the whole split are held (a few bytes a row); the
+    features and histories of one row group at a time (at 25M events, reading the test split with
+    its histories at once took the evaluation to 13 GiB). The batches are those of the whole
+    split in file order, so the logits are the ones an in-memory read would give."""
     names = _input_names(signature)
-    history_width = None
-    for spec in signature["inputs"]:
-        if spec["name"] == "history" and isinstance(spec["shape"][1], int):
-            history_width = spec["shape"][1]
-    test = snap.ctr("test", max_history=history_width)
-
-    def build(rows):
-        return {"sparse": test.sparse[rows], "dense": test.dense[rows], "history": test.history[rows]}
-
     output = signature["outputs"][0]["name"]
-    logits = _run_batched(scorer, names, build, len(test), output)
+    take = lambda a: (a.sparse, a.dense, a.history, a.label_like, a.label_love, a.user_idx)  # noqa: E731
+    rows = snap.ctr_stream("test", _ctr_history_width(signature), take)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for sparse, dense, history, like, love, user in rows.ordered(BATCH):
+        feeds = {"sparse": sparse, "dense": dense, "history": history}
+        # copies: a batch is a view of its row group, which it would otherwise keep alive
+        logits = scorer.run(**{n: feeds[n] for n in names})[output]
+        parts.append((logits, like.copy(), love.copy(), user.copy()))
+    if not parts:
+        raise ValueError(f"{snap.path / 'fct_ctr_samples.parquet'} has no test rows: nothing to evaluate.")
+    logits, label_like, label_love, user_idx = (np.concatenate(c) for c in zip(*parts))
+    del parts
     if logits.ndim == 2:  # multi-task: one column per task, like then love
-        heads = (("like", test.label_like), ("love", test.label_love))
+        heads = (("like", label_like), ("love", label_love))
         if logits.shape[1] != len(heads):
             raise ValueError(
                 f"output {output!r} has {logits.shape[1]} columns; the multitask contract "
@@ -195,9 +212,9 @@ def evaluate_ctr_onnx(scorer, signature: dict, snap: Snapshot) -> dict[str, floa
             )
         out = {}
         for col, (task, labels) in enumerate(heads):
-            out |= evaluate_ctr(labels, logits[:, col], test.user_idx, task_name=task)
+            out |= evaluate_ctr(labels, logits[:, col], user_idx, task_name=task)
         return out
-    return evaluate_ctr(test.label_like, logits, test.user_idx)
+    return evaluate_ctr(label_like, logits, user_idx)
 
 
 EVALUATORS = {"rating": evaluate_rating_onnx, "topk": evaluate_topk_onnx, "ctr": evaluate_ctr_onnx,
