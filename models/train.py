@@ -19,7 +19,7 @@ its metric and budget verdict are broadcast so that every rank stops at the same
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -214,7 +214,7 @@ def train_torch(
     log: Log = print,
     prepare: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]] | None = None,
     max_minutes: float | None = None,
-    sparse: bool = True,
+    sparse: bool | Collection[str] = True,
 ) -> list[dict]:
     """Mini-batch training with early stopping and an optional time budget; restores the best
     epoch's weights and returns the module on the CPU, in eval mode.
@@ -236,7 +236,7 @@ def train_torch(
     runtime's ``sparse_min_rows`` rows train with sparse gradients, with a lazy Adam or the
     dense-equivalent ``LazySGD`` (``make_optimizer``); the report names them
     (``sparse_tables``). ``sparse=False`` keeps every table dense (a loss that reads a whole
-    table's weight).
+    table's weight); a collection of table names allows only those (cdae: its user nodes).
 
     With ``world_size`` > 1 processes (``models.distributed.Ranks``), ``batch_size`` is the global
     batch: each rank steps on its part of it; ``evaluate`` runs on rank 0 only; the history's loss
@@ -250,6 +250,8 @@ def train_torch(
     torch.manual_seed(seed)
     module.to(device)
     lazy = sparse_tables(module, rt.sparse_rows if sparse and not weight_decay else 0)
+    if not isinstance(sparse, bool):
+        lazy = {name: table for name, table in lazy.items() if name in sparse}
     opt = make_optimizer(list(module.parameters()), optimizer, lr, momentum, weight_decay,
                          sparse=[t.weight for t in lazy.values()])  # fmt: skip
     stepper = Stepper(opt, rt)

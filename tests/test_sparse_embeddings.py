@@ -25,10 +25,9 @@ from pipeline.settings import SettingsError, load_settings
 # DIN's recency and BST's position embeddings, which BST also reads by its weight).
 MIN_ROWS = 52
 # Families whose every table is read by lookup get sparse tables (Adam: a lazy Adam; mf_sgd's
-# momentum SGD: LazySGD); cdae (its loss reads whole tables) stays dense. mf_implicit's factor
-# tables are plain parameters, picked by its own fit.
-DENSE_ONLY = {"cdae"}
-OWN_TABLES = {"mf_implicit": ["user_factors"]}
+# momentum SGD: LazySGD). cdae's loss reads the whole of W and W', so only its user nodes (read by
+# lookup) go sparse. mf_implicit's factor tables are plain parameters, picked by its own fit.
+OWN_TABLES = {"mf_implicit": ["user_factors"], "cdae": ["user_node"]}
 GRADIENT = sorted(n for n, f in FAMILIES.items() if gradient_trained(f) and n != "neumf")
 
 
@@ -67,10 +66,9 @@ def test_family_trains_large_tables_sparse_and_hands_back_plain_tables(name, sna
     model, loops = _fit(name, snapshot, Runtime(sparse_min_rows=MIN_ROWS))
     tables = sorted({t for loop in loops for t in loop["sparse_tables"]})
     module = model.module
-    expected = OWN_TABLES.get(name) or (sparse_tables(module, MIN_ROWS) if name not in DENSE_ONLY else {})
+    expected = OWN_TABLES.get(name) or sparse_tables(module, MIN_ROWS)
     assert tables == sorted(expected), (name, tables)
-    if name not in DENSE_ONLY:
-        assert tables, f"{name} has no table of {MIN_ROWS}+ rows on the tiny snapshot"
+    assert tables, f"{name} has no table of {MIN_ROWS}+ rows on the tiny snapshot"
     assert not any(m.sparse for m in module.modules() if isinstance(m, nn.Embedding))
     assert not getattr(module, "sparse_tables", None)  # mf_implicit's flag is cleared too
     assert all(torch.isfinite(p).all() for p in module.parameters())
