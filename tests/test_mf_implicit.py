@@ -70,7 +70,7 @@ def test_sampled_unobserved_term_is_unbiased_and_gramian_is_exact():
     )
     np.testing.assert_allclose(gram, exact, rtol=1e-4, atol=1e-6)
 
-    config = M.Config(omega0=omega0, n_negatives=3)
+    config = M.Config(omega0=omega0, n_negatives=3, unobserved="sampled")
     rng = np.random.default_rng(1)
     draws = np.stack([summed_term_per_user(dense, module, config, rng) for _ in range(3000)])
     assert exact[4] == 0 and np.all(draws[:, 4] == 0)  # no unobserved cell: weight 0
@@ -80,6 +80,36 @@ def test_sampled_unobserved_term_is_unbiased_and_gramian_is_exact():
     sem = draws.std(0) / np.sqrt(len(draws))
     assert np.all(np.abs(draws.mean(0) - exact) <= 5 * sem + 1e-9), (draws.mean(0), exact, sem)
     np.testing.assert_allclose(draws.mean(0), exact, rtol=0.03)
+
+
+def test_gramian_sparse_has_the_exact_value_and_its_epoch_gradient_is_exact():
+    """Summed over every observed cell with fresh Gramians, "gramian_sparse" gives the exact
+    unobserved term's value and its gradient on both tables, though each cell's gradient
+    touches only its own user and item rows."""
+    dense, module = tiny_problem()
+    dense[:, 8] = 0  # an item nobody saw: its exact gradient is 0 too
+    observed = dense > 0
+    with torch.no_grad():  # as fit starts them: rows without a train cell (and the padding) at 0
+        module.user_factors[torch.from_numpy(~observed.any(1))] = 0.0
+        module.item_factors[torch.from_numpy(~observed.any(0))] = 0.0
+    config = M.Config(omega0=0.1, unobserved="gramian_sparse")
+    cells = M._Cells(M.confidence_weights(sp.csr_matrix(dense), 1.0, 1.0))
+    no_negatives = np.zeros((len(cells), config.n_negatives), np.int64)
+    u, i, _, inv_u, inv_i, n_unobs, neg = cells.batch(np.arange(len(cells)), no_negatives)
+    u_vec, v_vec = module.user_factors[u], module.item_factors[i]
+    p = (u_vec * v_vec).sum(-1)
+    term = M._unobserved_term(module, u_vec, p, neg, inv_u, n_unobs, config, v_vec, inv_i).sum()
+    tables = [module.user_factors, module.item_factors]
+    got = torch.autograd.grad(term, tables)
+
+    unobserved = torch.from_numpy(~observed)
+    unobserved[:, 0] = False
+    exact = config.omega0 * ((module.user_factors @ module.item_factors.T) ** 2 * unobserved).sum()
+    want = torch.autograd.grad(exact, tables)
+    torch.testing.assert_close(term, exact, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().max() > 0.1
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_sampled_negatives_are_never_train_positives(snapshot):
@@ -178,8 +208,10 @@ def test_epoch_negatives_in_chunks_are_one_whole_draw(snapshot):
         negatives[slice(0, 32)]  # slices only move forward
 
 
-def test_fit_with_small_negative_chunks_is_the_same_model(snapshot, model, monkeypatch):
+def test_fit_with_small_negative_chunks_is_the_same_model(snapshot, monkeypatch):
+    config = M.Config(unobserved="sampled", epochs=3)  # the estimator that draws negatives
+    model = M.fit(snapshot, config, lambda _: None)
     monkeypatch.setattr(M, "NEGATIVE_CHUNK_BATCHES", 1)  # a chunk per batch
-    again = M.fit(snapshot, model.config, lambda _: None)
+    again = M.fit(snapshot, config, lambda _: None)
     for name, value in model.module.state_dict().items():
         assert torch.equal(value, again.module.state_dict()[name]), name
