@@ -292,8 +292,10 @@ def fit(snapshot: Snapshot, config: Config, log: Callable[[str], None] = print) 
         module = MFImplicitScorer(n_users, n_items, config.dim, config.init_std).to(device)
         if config.unobserved == "gramian_sparse":  # rows without a train cell never get a gradient
             with torch.no_grad():  # here: start them at their optimum, 0 (the others push them there)
-                module.user_factors[torch.from_numpy(np.diff(cells.observed.indptr) == 0)] = 0.0
-                module.item_factors[torch.from_numpy(np.bincount(cells.item, minlength=n_items) == 0)] = 0.0
+                cold_users = torch.from_numpy(np.diff(cells.observed.indptr) == 0).to(device)
+                cold_items = torch.from_numpy(np.bincount(cells.item, minlength=n_items) == 0).to(device)
+                module.user_factors[cold_users] = 0.0
+                module.item_factors[cold_items] = 0.0
         # large tables: sparse gradients and a lazy Adam, as train_torch does for nn.Embedding
         # tables (the "gramian" term reads the whole item table, which then stays dense)
         tables = {"user_factors": n_users, "item_factors": n_items if config.unobserved != "gramian" else 0}
