@@ -12,15 +12,26 @@ scaled by ``1 / (1 - q)`` so the expected input is unchanged) and learns to reco
 The user node ``V_u`` (a per-user bias on the hidden layer) is what makes the DAE
 *collaborative*; without it the model is an item-based DAE.
 
-Loss: the paper's negative sampling. Each user's observed items ``O_u`` are the positives and
-``negatives x |O_u|`` items drawn uniformly from the items the user never interacted with are
-the negatives (fresh every step); logistic loss summed over those items, averaged over the
-users of the batch, plus L2 (``reg``) on W, W' and the batch users' nodes. Why not full BCE over
-every item: with a sparse encoder (an embedding bag over the kept items) a step then costs
-``O(|O_u| (1 + negatives) K)`` per user instead of ``O(n_items K)``; at MovieLens-20M's 27k
-items (~144 items per user) that is ~30x fewer multiply-adds and avoids a ``[batch, n_items]``
-logit block per step. On the 1.7k-item synthetic snapshot full BCE ranked only slightly better
-(test NDCG@10 0.213 vs 0.210), not worth ``O(n_items)`` per user on real catalogues.
+Loss (``loss``): logistic loss of the reconstruction, summed over the scored items and averaged
+over the batch's users, plus L2 (``reg``) on the rows of W and W' the step reads and on the
+batch's user nodes. Two ways to score, both in the paper:
+
+- ``"full"`` (default), the paper's objective: every item of the catalogue, the user's items as
+  1s and the rest as 0s. One ``[batch, n_items]`` logit block per step, ``O(n_items K)`` per user.
+- ``"sampled"``, the paper's negative sampling: the user's items ``O_u`` and
+  ``negatives x |O_u|`` items drawn uniformly from the rest (fresh every step),
+  ``O(|O_u| (1 + negatives) K)`` per user; for catalogues where a ``[batch, n_items]`` block per
+  step costs too much.
+
+Why full is the default: at ML-25M shape (59k items, BENCHMARKS.md) sampled training stayed
+below popularity after two whole epochs, while full beat it; and on the CPU full was the faster
+of the two per user (one dense product against gathers and the rejection sampler). On the
+default data (1.7k items) they rank level and full fits in less than half the time.
+
+Only the rows a step reads are penalised (all of W' under "full"), so over an epoch an item's
+input and output rows are shrunk as often as they are used, as their data gradient is, and
+the tables can train with sparse gradients. A whole-table penalty at every step (the code
+before) also shrank items no step of the epoch had fed in.
 
 Unknown user node: a fraction ``unknown_rate`` of training users has the node replaced by row 0,
 so V_0 is trained as "a user we do not know" and the rest of the network learns to score from
@@ -57,6 +68,7 @@ from models.topk import NegativeSampler, SampledTraining, ValidNDCG, popularity
 from models.train import deterministic, train_torch
 
 Log = Callable[[str], None]
+LOSSES = ("full", "sampled")
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,11 @@ class Config(SampledTraining):
     # Dropout corruption q = 0.5: the public reference implementations' default (the paper
     # treats q as a per-data-set hyper-parameter).
     corruption: float = 0.5
-    # Negatives per observed item (the paper's negative sampling): enough to rank against the
-    # whole catalogue while a step stays O(|O_u|) rather than O(n_items).
+    # The scored items: the whole catalogue ("full") or the user's items plus sampled
+    # negatives ("sampled"); module docstring.
+    loss: str = "full"
+    # Negatives per observed item under loss = "sampled": enough to rank against the whole
+    # catalogue while a step stays O(|O_u|) rather than O(n_items).
     negatives: int = 5
     # Users per step. The paper updates per user (AdaGrad); 32 users stay close to that in
     # updates per epoch (~190 on MovieLens-1M's 6k users) while a step stays vectorised.
@@ -103,6 +118,8 @@ class Config(SampledTraining):
             raise ValueError(f"cdae: unknown_rate must be in [0, 1), got {self.unknown_rate}")
         if self.init_std <= 0:
             raise ValueError(f"cdae: init_std must be > 0, got {self.init_std}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"cdae: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
 # --- module -----------------------------------------------------------------------------------
@@ -138,8 +155,9 @@ class CDAEModule(nn.Module):
         """Training path: ``h [B, K]`` from each user's kept items as one embedding bag
         (``sum_j weights_j W_j``, i.e. ``W^T y~`` without materialising ``y~``)."""
         bag = nn.functional.embedding_bag(
-            items, self.item_in.weight, offsets, mode="sum", per_sample_weights=weights
-        )
+            items, self.item_in.weight, offsets, mode="sum", per_sample_weights=weights,
+            sparse=self.item_in.sparse,  # the lazy-Adam flag train_torch sets on large tables
+        )  # fmt: skip
         return torch.sigmoid(bag + self.user_node(node) + self.hidden_bias)
 
     def pair_logits(self, h: torch.Tensor, row: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
@@ -205,6 +223,9 @@ class BatchBuilder:
         kept_per_user = np.bincount(owner[keep], minlength=len(users))
         offsets = np.concatenate([[0], np.cumsum(kept_per_user)[:-1]]).astype(np.int64)
         weights = np.full(int(keep.sum()), 1.0 / (1.0 - c.corruption), dtype=np.float32)
+        if c.loss == "full":  # the positives only: the loss scores every item
+            arrays = (node, items[keep], offsets, weights, owner, items, np.ones(len(items), np.float32))
+            return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         neg = self.sampler.sample(np.repeat(users, counts), c.negatives).reshape(-1)
         pair_row = np.concatenate([owner, np.repeat(owner, c.negatives)])
         pair_item = np.concatenate([items, neg])
@@ -240,15 +261,25 @@ class CDAE(TrainedModel):
 
     @staticmethod
     def loss(module: CDAEModule, batch, config: Config) -> torch.Tensor:
-        """Logistic loss summed over each user's scored items, averaged over the batch's users,
-        plus ``reg`` x (||W||^2 + ||W'||^2 + mean squared norm of the batch's user nodes)."""
+        """Logistic loss summed over each user's scored items (``config.loss``: the whole
+        catalogue or the positives plus sampled negatives), averaged over the batch's users,
+        plus ``reg`` x (the squared norms of the W rows the batch feeds in and of the W' rows
+        it scores, and the mean squared norm of the batch's user nodes)."""
         node, items, offsets, weights, pair_row, pair_item, label = batch
         h = module.hidden_sparse(node, items, offsets, weights)
-        logits = module.pair_logits(h, pair_row, pair_item)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="sum") / len(node)
+        if config.loss == "full":  # pair_row, pair_item: the positives; column 0 is never scored
+            logits = h @ module.item_out.weight[1:].T + module.item_bias[1:]
+            target = torch.zeros_like(logits)
+            target[pair_row, pair_item - 1] = 1.0
+            out_rows = module.item_out.weight
+        else:
+            logits = module.pair_logits(h, pair_row, pair_item)
+            target = label
+            out_rows = module.item_out(torch.unique(pair_item))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(node)
         if config.reg > 0:
-            weights_sq = module.item_in.weight.pow(2).sum() + module.item_out.weight.pow(2).sum()
-            loss = loss + config.reg * (weights_sq + module.user_node(node).pow(2).sum(-1).mean())
+            rows_sq = module.item_in(torch.unique(items)).pow(2).sum() + out_rows.pow(2).sum()
+            loss = loss + config.reg * (rows_sq + module.user_node(node).pow(2).sum(-1).mean())
         return loss
 
     @staticmethod
@@ -315,11 +346,11 @@ def fit(snapshot: Snapshot, config: Config, log: Log = print) -> CDAE:
             log=log,
             prepare=lambda batch: build(batch[0].numpy()),  # on the CPU, before the move to the device
             max_minutes=config.max_minutes,
-            # The encoder's bag and the L2 term read the whole of W and W', so those stay dense.
-            # The user nodes are read by lookup only: above the runtime's sparse_min_rows they
-            # train with a lazy Adam (at 25M events, a dense Adam step over 162k x 50 nodes cost
-            # more than the rest of the step; the default data's 944 users stay dense).
-            sparse=("user_node",),
+            # Tables read by lookup only (the L2 term too) train with a lazy Adam above the
+            # runtime's sparse_min_rows: the user nodes, W, and W' under "sampled" ("full" reads
+            # all of W'). At 25M events a dense Adam step over 162k x 50 nodes cost more than the
+            # rest of the step; the default data's 944 users and 1.7k items stay dense.
+            sparse=("user_node", "item_in") + (("item_out",) if config.loss == "sampled" else ()),
         )
     meta = {"n_users": snapshot.n_users, "n_items": snapshot.n_items}
     return CDAE(config, module.eval(), meta, history)

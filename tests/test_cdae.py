@@ -55,7 +55,7 @@ def manual_logits(module: cdae.CDAEModule, users: torch.Tensor, y: torch.Tensor)
 
 def test_training_loss_decreases_and_history_has_the_required_keys(model):
     losses = [r["train_loss"] for r in model.history]
-    assert len(losses) >= 3 and losses[-1] < 0.8 * losses[0]
+    assert len(losses) >= 3 and losses[-1] < 0.95 * losses[0]  # full BCE: most of it is the 0s
     assert all(r["valid_metric_name"] == "ndcg@10" for r in model.history)
     assert {"epoch", "train_loss", "valid_metric", "valid_metric_name", "rows_per_s", "seconds"} <= set(
         model.history[-1]
@@ -79,7 +79,7 @@ def test_one_adam_step_lowers_the_loss_on_a_fixed_batch(snapshot):
 def test_batch_corrupts_observed_items_and_samples_unseen_negatives(snapshot):
     train = cdae.binary_train_matrix(snapshot)
     users = np.arange(1, snapshot.n_users)
-    cfg = cdae.Config(corruption=0.4, negatives=3, unknown_rate=0.0)
+    cfg = cdae.Config(loss="sampled", corruption=0.4, negatives=3, unknown_rate=0.0)
     node, items, offsets, weights, row, item, label = cdae.BatchBuilder(train, cfg, seed=3)(users)
     n_obs = int(train[users].nnz)
     assert torch.equal(node, torch.from_numpy(users))
@@ -237,6 +237,41 @@ def test_evaluator_feeds_user_items(exported, model, snapshot, snapshot_dir):
 
 
 def test_config_rejects_bad_values():
-    for bad in ({"corruption": 1.0}, {"unknown_rate": -0.1}, {"hidden": 0}, {"lr": 0.0}):
+    for bad in ({"corruption": 1.0}, {"unknown_rate": -0.1}, {"hidden": 0}, {"lr": 0.0}, {"loss": "bpr"}):
         with pytest.raises(ValueError, match="cdae"):
             parse_config(cdae.Config, bad)
+
+
+def test_full_loss_is_the_logistic_loss_over_the_whole_catalogue(snapshot):
+    """loss = "full": every item but padding scored, the user's items as 1s, with the clean vector."""
+    cfg = cdae.Config(loss="full", corruption=0.0, unknown_rate=0.0, reg=0.0)
+    torch.manual_seed(0)
+    module = cdae.CDAE.build_module(cfg, {"n_users": snapshot.n_users, "n_items": snapshot.n_items})
+    train = cdae.binary_train_matrix(snapshot)
+    users = np.arange(1, 17)
+    batch = cdae.BatchBuilder(train, cfg, seed=0)(users)
+    y = torch.from_numpy(cdae.user_item_rows(train, users))
+    logits = manual_logits(module, torch.from_numpy(users), y)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], y[:, 1:], reduction="sum") / 16
+    torch.testing.assert_close(cdae.CDAE.loss(module, batch, cfg), want)
+
+
+@pytest.mark.parametrize("loss", ["sampled", "full"])
+def test_l2_reaches_only_the_rows_a_step_reads(snapshot, loss):
+    """The penalty shrinks the W rows fed in and the W' rows scored (all of them under "full"),
+    never an item the step did not see, so the tables can train with sparse gradients."""
+    cfg = cdae.Config(loss=loss, reg=1.0, unknown_rate=0.0, negatives=1)
+    module = cdae.CDAE.build_module(cfg, {"n_users": snapshot.n_users, "n_items": snapshot.n_items})
+    node, items, offsets, weights, row, item, label = batch = cdae.CDAE.training_batch(snapshot, cfg, rows=1)
+    cdae.CDAE.loss(module, batch, cfg).backward()
+    fed = torch.zeros(snapshot.n_items, dtype=torch.bool)
+    fed[items] = True
+    grad_in = module.item_in.weight.grad.abs().sum(1)
+    assert (grad_in[fed] > 0).all() and (grad_in[~fed] == 0).all()
+    scored = torch.zeros(snapshot.n_items, dtype=torch.bool)
+    scored[item] = True
+    grad_out = module.item_out.weight.grad.abs().sum(1)
+    if loss == "full":
+        assert (grad_out[1:] > 0).all()
+    else:
+        assert (grad_out[scored] > 0).all() and (grad_out[~scored] == 0).all() and (~scored[1:]).any()

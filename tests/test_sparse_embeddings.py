@@ -25,8 +25,9 @@ from pipeline.settings import SettingsError, load_settings
 # DIN's recency and BST's position embeddings, which BST also reads by its weight).
 MIN_ROWS = 52
 # Families whose every table is read by lookup get sparse tables (Adam: a lazy Adam; mf_sgd's
-# momentum SGD: LazySGD). cdae's loss reads the whole of W and W', so only its user nodes (read by
-# lookup) go sparse. mf_implicit's factor tables are plain parameters, picked by its own fit.
+# momentum SGD: LazySGD). cdae's item tables have 51 rows here, so only its user nodes go sparse
+# (its item tables: test_cdae_item_tables_go_sparse_where_read_by_lookup). mf_implicit's factor
+# tables are plain parameters, picked by its own fit.
 OWN_TABLES = {"mf_implicit": ["user_factors"], "cdae": ["user_node"]}
 GRADIENT = sorted(n for n, f in FAMILIES.items() if gradient_trained(f) and n != "neumf")
 
@@ -72,6 +73,15 @@ def test_family_trains_large_tables_sparse_and_hands_back_plain_tables(name, sna
     assert not any(m.sparse for m in module.modules() if isinstance(m, nn.Embedding))
     assert not getattr(module, "sparse_tables", None)  # mf_implicit's flag is cleared too
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize(("loss", "expected"), [("full", ["item_in", "user_node"]),
+                                                  ("sampled", ["item_in", "item_out", "user_node"])])  # fmt: skip
+def test_cdae_item_tables_go_sparse_where_read_by_lookup(snapshot, loss, expected):
+    """The full loss reads the whole of W' (every item scored), so W' stays dense there."""
+    model, loops = _fit("cdae", snapshot, Runtime(sparse_min_rows=2), loss=loss)
+    assert loops[0]["sparse_tables"] == expected
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
 
 
 def test_sparse_deepfm_exports_and_passes_the_parity_gate(snapshot, tmp_path):
