@@ -26,7 +26,7 @@ batch's user nodes. Two ways to score, both in the paper:
 Why full is the default: at ML-25M shape (59k items, BENCHMARKS.md) sampled training stayed
 below popularity after two whole epochs, while full beat it; and on the CPU full was the faster
 of the two per user (one dense product against gathers and the rejection sampler). On the
-default data (1.7k items) they rank level and full fits in less than half the time.
+default data (1.7k items) they rank level and full fits in about two thirds of the time.
 
 Only the rows a step reads are penalised (all of W' under "full"), so over an epoch an item's
 input and output rows are shrunk as often as they are used, as their data gradient is, and
@@ -206,10 +206,12 @@ class BatchBuilder:
         self.train = train
         self.config = config
         self.rng = np.random.default_rng(seed)
-        coo = train.tocoo()
-        self.sampler = NegativeSampler(
-            coo.row.astype(np.int64), coo.col.astype(np.int64), train.shape[1], seed=seed + 1
-        )
+        self.sampler = None
+        if config.loss == "sampled":  # the full loss draws nothing (no sorted keys to hold)
+            coo = train.tocoo()
+            self.sampler = NegativeSampler(
+                coo.row.astype(np.int64), coo.col.astype(np.int64), train.shape[1], seed=seed + 1
+            )
 
     def __call__(self, users: np.ndarray) -> tuple[torch.Tensor, ...]:
         c = self.config
@@ -223,7 +225,7 @@ class BatchBuilder:
         kept_per_user = np.bincount(owner[keep], minlength=len(users))
         offsets = np.concatenate([[0], np.cumsum(kept_per_user)[:-1]]).astype(np.int64)
         weights = np.full(int(keep.sum()), 1.0 / (1.0 - c.corruption), dtype=np.float32)
-        if c.loss == "full":  # the positives only: the loss scores every item
+        if self.sampler is None:  # loss "full": the positives only, the loss scores every item
             arrays = (node, items[keep], offsets, weights, owner, items, np.ones(len(items), np.float32))
             return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         neg = self.sampler.sample(np.repeat(users, counts), c.negatives).reshape(-1)

@@ -75,8 +75,10 @@ def test_family_trains_large_tables_sparse_and_hands_back_plain_tables(name, sna
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-@pytest.mark.parametrize(("loss", "expected"), [("full", ["item_in", "user_node"]),
-                                                  ("sampled", ["item_in", "item_out", "user_node"])])  # fmt: skip
+CDAE_SPARSE = [("full", ["item_in", "user_node"]), ("sampled", ["item_in", "item_out", "user_node"])]
+
+
+@pytest.mark.parametrize(("loss", "expected"), CDAE_SPARSE)
 def test_cdae_item_tables_go_sparse_where_read_by_lookup(snapshot, loss, expected):
     """The full loss reads the whole of W' (every item scored), so W' stays dense there."""
     model, loops = _fit("cdae", snapshot, Runtime(sparse_min_rows=2), loss=loss)
