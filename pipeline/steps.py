@@ -170,7 +170,8 @@ def train(
         start = time.perf_counter()
         out = settings.artifacts_dir / family.name / run_id / "model"
         if runtime.world_size > 1:
-            dirs = {u: upstream_dirs[upstream_input_name(u)] for u in family.upstream}
+            dirs = {u: upstream_dirs[upstream_input_name(u)] for u in family.upstream
+                    if upstream_input_name(u) in upstream_dirs}  # fmt: skip
             job = torchrun.Job(family.name, snapshot, jsonable(config), str(out), runtime.torch_device.type,
                                runtime.threads, runtime.buffer_rows, runtime.world_size, dirs)  # fmt: skip
             torchrun.launch(job, out.parent / "torchrun", log)
@@ -178,7 +179,8 @@ def train(
             cache.record(key, out, run_id, {"fit_seconds": seconds})
             return _saved(out, reuse, seconds)
         if family.upstream:
-            upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream})
+            upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream
+                                       if upstream_input_name(u) in upstream_dirs})  # fmt: skip
             model = fit_family(family, snapshot, config, log.info, runtime, upstream)
             # saved in config.json's meta, read back by the export step into lineage.json
             model.meta["upstream_models"] = upstream.used()

@@ -181,3 +181,47 @@ def test_only_a_stale_upstream_that_fit_reads_joins_the_selection(tmp_path: Path
         keys = wals_chain | {dg.AssetKey("training_snapshot")}
         (line,) = with_fitted_upstream(instance, keys)
         assert dg.AssetKey("model_mf_implicit") in keys and "training_snapshot is rebuilt" in line
+
+
+def test_emb_knn_trains_where_only_the_source_it_reads_was_ever_trained(tmp_path: Path, dagster_home,
+                                                                        monkeypatch) -> None:  # fmt: skip
+    """emb_knn declares four embedding sources but reads one: a home that trained only that one
+    (``RECSYS_FAMILIES=mf_implicit``, then ``--families emb_knn`` of the large benchmark) must
+    not fail on loading the other three, and a source it does read that was never trained is
+    refused by name."""
+    from orchestration.assets.families import UPSTREAM_LOADER, build_family_assets, upstream_checkpoint
+    from orchestration.assets.snapshot import training_snapshot
+
+    config = tmp_path / "models.toml"
+    config.write_text("[mf_implicit]\nepochs = 2\n")
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(config))
+    snapshot = write_tiny_snapshot(tmp_path / "snap")
+
+    @dg.asset(key=training_snapshot.key)
+    def stub_snapshot() -> str:
+        return str(snapshot)
+
+    from models.emb_knn import SOURCES
+
+    graph = [stub_snapshot, *(build_family_assets(name)[0] for name in (*SOURCES, "emb_knn"))]
+    resources = {UPSTREAM_LOADER: upstream_checkpoint}
+    instance = dg.DagsterInstance.get()
+
+    def materialize(*names: str) -> dg.ExecuteInProcessResult:
+        selection = [training_snapshot.key, *(dg.AssetKey(f"model_{n}") for n in names)]
+        return dg.materialize(graph, selection=selection, instance=instance, resources=resources,
+                              raise_on_error=False)  # fmt: skip
+
+    run = materialize("mf_implicit", "emb_knn")
+    assert run.success
+    meta = run.asset_materializations_for_node("model_emb_knn")[0].metadata
+    assert list(meta["upstream_models"].value) == ["model_mf_implicit"]
+    assert instance.get_latest_materialization_event(dg.AssetKey("model_gmf")) is None
+
+    config.write_text('[mf_implicit]\nepochs = 2\n[emb_knn]\nsource = "gmf"\n')
+    failed = materialize("emb_knn")
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "model_gmf" in message and "it was never materialised" in message, message

@@ -33,6 +33,25 @@ def _key(stage: str, name: str) -> dg.AssetKey:
     return dg.AssetKey(f"{stage}_{name}")
 
 
+# The resource key of the loader of upstream checkpoints (``orchestration/definitions.py``).
+UPSTREAM_LOADER = "upstream_checkpoint"
+
+
+@dg.input_manager
+def upstream_checkpoint(context: dg.InputContext) -> str | None:
+    """An upstream model's checkpoint folder (its latest materialisation's ``checkpoint_dir``),
+    or None when it was never materialised in this instance. A family declares every model it
+    may build on (emb_knn: four embedding sources) but its config reads one or two; a home that
+    never trained the others (``RECSYS_FAMILIES``, ``--select``) must not fail on loading them.
+    A model ``fit`` does read and that is missing or stale is refused with its name
+    (``_refuse_stale_upstream``)."""
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    if event is None:
+        return None
+    value = event.asset_materialization.metadata.get("checkpoint_dir")
+    return None if value is None else str(getattr(value, "value", value))
+
+
 def _reuse_metadata(reuse: steps.Reuse, stage: str) -> dict:
     return {"reused": reuse.reused, "reuse": reuse.note(stage), "reuse_key": reuse.key}
 
@@ -96,7 +115,10 @@ class TrainingRunConfig(dg.Config):
 
 def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
     name = family.name
-    upstream_ins = {steps.upstream_input_name(u): dg.AssetIn(_key("model", u)) for u in family.upstream}
+    upstream_ins = {
+        steps.upstream_input_name(u): dg.AssetIn(_key("model", u), input_manager_key=UPSTREAM_LOADER)
+        for u in family.upstream
+    }
     upstream_note = " " + family.model.upstream_note if family.model is not None else ""
 
     @dg.asset(
@@ -120,11 +142,15 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
         ),
     )
     def train(
-        context: dg.AssetExecutionContext, config: TrainingRunConfig, snapshot: str, **upstream_dirs: str
+        context: dg.AssetExecutionContext,
+        config: TrainingRunConfig,
+        snapshot: str,
+        **upstream_dirs: str | None,  # None: never materialised (``upstream_checkpoint``)
     ):
         settings = load_settings()
         if family.upstream:
             _refuse_stale_upstream(context, family, snapshot)
+        upstream_dirs = {key: path for key, path in upstream_dirs.items() if path is not None}
         try:
             result = steps.train(family, snapshot, settings, context.run_id, context.log, version,
                                  upstream_dirs, config.device or None, config.procs or None)  # fmt: skip
