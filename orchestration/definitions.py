@@ -6,7 +6,12 @@ from dagster_dbt import DbtCliResource
 
 from models.catalogue import select_families
 from orchestration.assets.contracts import mart_contracts
-from orchestration.assets.evaluation import baseline_metrics, build_leaderboard_asset
+from orchestration.assets.evaluation import (
+    EVAL_LOADER,
+    baseline_metrics,
+    build_leaderboard_asset,
+    latest_evaluation,
+)
 from orchestration.assets.families import UPSTREAM_LOADER, build_family_assets, upstream_checkpoint
 from orchestration.assets.ingest import raw_tables
 from orchestration.assets.retention import prune_storage, storage_retention
@@ -59,6 +64,7 @@ defs = dg.Definitions(
         "warehouse": WarehouseResource(),
         "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
         UPSTREAM_LOADER: upstream_checkpoint,
+        EVAL_LOADER: latest_evaluation,
     },
     executor=_executor(SETTINGS.max_concurrent),
 )

@@ -225,3 +225,54 @@ def test_emb_knn_trains_where_only_the_source_it_reads_was_ever_trained(tmp_path
     (failure,) = [e for e in failed.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
     assert "model_gmf" in message and "it was never materialised" in message, message
+
+
+def test_leaderboard_leaves_off_families_never_evaluated(tmp_path: Path, dagster_home, monkeypatch) -> None:
+    """The leaderboard spans every family of the definitions; a home that evaluated only some
+    (``RECSYS_FAMILIES=mf_sgd recsys run``, then ``recsys run --select leaderboard``)
+    gets a board of those, not a missing-file failure on the others' stored values."""
+    from orchestration.assets.evaluation import (
+        EVAL_LOADER,
+        baseline_metrics,
+        build_leaderboard_asset,
+        latest_evaluation,
+    )
+    from orchestration.assets.families import UPSTREAM_LOADER, build_family_assets, upstream_checkpoint
+    from orchestration.assets.snapshot import training_snapshot
+
+    config = tmp_path / "models.toml"
+    config.write_text("[mf_sgd]\nepochs = 2\n")
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(config))
+    monkeypatch.setenv("RECSYS_FAMILIES", "mf_sgd,gmf")
+    snapshot = write_tiny_snapshot(tmp_path / "snap")
+
+    @dg.asset(key=training_snapshot.key)
+    def stub_snapshot() -> str:
+        return str(snapshot)
+
+    families = ["mf_sgd", "gmf"]
+    graph = [stub_snapshot, baseline_metrics, *(a for n in families for a in build_family_assets(n)),
+             build_leaderboard_asset(families)]  # fmt: skip
+    resources = {UPSTREAM_LOADER: upstream_checkpoint, EVAL_LOADER: latest_evaluation}
+    instance = dg.DagsterInstance.get()
+
+    def materialize(*keys: str) -> dg.ExecuteInProcessResult:
+        return dg.materialize(graph, selection=[dg.AssetKey(k) for k in keys], instance=instance,
+                              resources=resources, raise_on_error=False)  # fmt: skip
+
+    alone = materialize("training_snapshot", "baseline_metrics", "leaderboard")
+    assert not alone.success
+    (failure,) = [e for e in alone.all_events if e.is_step_failure]
+    assert "no family was ever evaluated" in failure.step_failure_data.error.message
+
+    chain = ("model_mf_sgd", "onnx_mf_sgd", "eval_mf_sgd")
+    assert materialize("training_snapshot", "baseline_metrics", *chain).success
+    # a later run of the leaderboard alone reads the stored evaluation (the FS IO manager's file)
+    board = materialize("training_snapshot", "baseline_metrics", "leaderboard")
+    assert board.success
+    meta = board.asset_materializations_for_node("leaderboard")[0].metadata
+    assert meta["never_evaluated"].value == "gmf"
+    records = json.loads(Path(meta["json"].value).read_text())["records"]
+    models = {r["model"] for r in records}
+    assert "mf_sgd" in models and "gmf" not in models, models

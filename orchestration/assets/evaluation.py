@@ -33,12 +33,31 @@ def baseline_metrics(context: dg.AssetExecutionContext, snapshot: str):
     return dg.Output(result, metadata={"baselines": dg.MetadataValue.json(result)})
 
 
+# The resource key of the loader of evaluations for the leaderboard (``orchestration/definitions.py``).
+EVAL_LOADER = "latest_evaluation"
+
+
+@dg.input_manager(required_resource_keys={"io_manager"})
+def latest_evaluation(context: dg.InputContext) -> dict | None:
+    """A family's evaluation record as the IO manager stored it, or None when the family was
+    never evaluated in this instance. The leaderboard spans every family of the definitions,
+    but a home may have trained only some (``RECSYS_FAMILIES=wals recsys run``, then
+    ``recsys run --select leaderboard``, or the large benchmark's groups): those are left off
+    the board instead of failing it on a missing file."""
+    if context.instance.get_latest_materialization_event(context.asset_key) is None:
+        return None
+    return context.resources.io_manager.load_input(context)
+
+
 def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
     @dg.asset(
         name="leaderboard",
         group_name="evaluate",
         ins={
-            **{f"eval_{n}": dg.AssetIn(dg.AssetKey(f"eval_{n}")) for n in family_names},
+            **{
+                f"eval_{n}": dg.AssetIn(dg.AssetKey(f"eval_{n}"), input_manager_key=EVAL_LOADER)
+                for n in family_names
+            },
             "baselines": dg.AssetIn(baseline_metrics.key),
             "snapshot": dg.AssetIn(training_snapshot.key),
         },
@@ -53,8 +72,18 @@ def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
             "record per model and metric, with split and data version)."
         ),
     )
-    def leaderboard(context: dg.AssetExecutionContext, baselines: dict, snapshot: str, **evals):
-        board = publish_leaderboard(list(evals.values()), baselines, snapshot, load_settings().reports_dir)
+    def leaderboard(context: dg.AssetExecutionContext, baselines: dict, snapshot: str,
+                    **evals: dict | None):  # fmt: skip
+        evaluated = [record for record in evals.values() if record is not None]
+        never = sorted(name.removeprefix("eval_") for name, record in evals.items() if record is None)
+        if never:
+            context.log.info(f"never evaluated in this instance, left off the board: {', '.join(never)}")
+        if not evaluated:
+            raise dg.Failure(
+                "no family was ever evaluated in this instance: materialise at least one eval_<family> "
+                "(recsys run) before the leaderboard"
+            )
+        board = publish_leaderboard(evaluated, baselines, snapshot, load_settings().reports_dir)
         context.log.info("\n" + board.markdown)
         return dg.Output(
             str(board.json_path),
@@ -67,6 +96,7 @@ def build_leaderboard_asset(family_names: list[str]) -> dg.AssetsDefinition:
                 "split": board.split,
                 "data_version": board.data_version,
                 "records": len(board.records),
+                "never_evaluated": ", ".join(never) or "none",
                 "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
