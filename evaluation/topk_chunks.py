@@ -3,7 +3,7 @@
 ``common.metrics.evaluate_topk`` scores 256 users against every item at once and ranks the
 whole block: about ``256 x n_items x 20`` bytes, 51 GB for a 10M-item catalogue. Here:
 
-- users are scored in chunks of ``memory / 2 / bytes_per_user`` (the scorer's whole graph for
+- users are scored in chunks of ``memory / 2 / bytes_per_user`` (the scorer's live peak for
   one user, ``export.runtime.OrtScorer.bytes_per_row``, at least the ``n_items x 4`` score
   row), so a chunk's scores never exceed half the budget;
 - each chunk's scores are ranked in item chunks whose masks and ranking temporaries

@@ -250,6 +250,28 @@ def test_graph_bytes_per_row_counts_symbolic_products():
     assert graph_bytes_per_row(model, "batch") == 40  # history-sized tensors are not per row
 
 
+def test_graph_bytes_per_row_is_the_live_peak_not_the_sum():
+    """A chain x -> a -> b -> c -> out: only a node's inputs and outputs are alive at once, so
+    the peak is the largest neighbouring pair, not the sum of all five; a value read twice
+    lives until its last reader; the output is never freed."""
+    f = onnx.TensorProto.FLOAT
+    shapes = {"x": 2, "a": 10, "b": 3, "c": 7, "out": 1}
+    values = {n: onnx.helper.make_tensor_value_info(n, f, ["batch", w]) for n, w in shapes.items()}
+    nodes = [onnx.helper.make_node("Relu", [i], [o]) for i, o in [("x", "a"), ("a", "b"), ("b", "c")]]
+    nodes.append(onnx.helper.make_node("ReduceSum", ["c"], ["out"], keepdims=1))
+    graph = onnx.helper.make_graph(nodes, "chain", [values["x"]], [values["out"]],
+                                   value_info=[values[n] for n in "abc"])  # fmt: skip
+    model = onnx.helper.make_model(graph)
+    assert graph_bytes_per_row(model) == 4 * (10 + 3)  # a and b alive while b is made (x freed)
+
+    # x read again by the last node: alive all along, beside each pair and the output
+    nodes[-1] = onnx.helper.make_node("Concat", ["c", "x"], ["out"], axis=1)
+    out = onnx.helper.make_tensor_value_info("out", f, ["batch", 9])
+    graph = onnx.helper.make_graph(nodes, "chain", [values["x"]], [out],
+                                   value_info=[values[n] for n in "abc"])  # fmt: skip
+    assert graph_bytes_per_row(onnx.helper.make_model(graph)) == 4 * (2 + 7 + 9)
+
+
 def test_score_memory_setting_parsed():
     from pipeline.settings import SettingsError, load_settings
 
