@@ -37,6 +37,13 @@ def fit_family(family: Family, snapshot: str, config, log: Callable[[str], None]
     return model
 
 
+def upstream_read(family: Family, config) -> tuple[str, ...]:
+    """The upstream families ``fit`` reads under ``config`` (the model class's ``reads_upstream``:
+    emb_knn the one its ``source`` names, neumf its halves when it pretrains)."""
+    reads = family.model.reads_upstream(config) if family.model is not None else family.upstream
+    return tuple(name for name in reads if name in family.upstream)
+
+
 def upstream_input_name(family: str) -> str:
     """The model asset's input (and Dagster ``ins`` key) for an upstream family's checkpoint."""
     return f"model_{family}"

@@ -27,7 +27,7 @@ from models.config import config_values, parse_config
 from models.runtime import Runtime, resolve_device
 from pipeline import torchrun
 from pipeline.family_config import family_configs
-from pipeline.fitting import UpstreamModels, fit_family, gradient_trained, upstream_input_name
+from pipeline.fitting import UpstreamModels, fit_family, gradient_trained, upstream_input_name, upstream_read
 from pipeline.reuse import (
     StepCache,
     code_digest,
@@ -155,9 +155,12 @@ def train(
     upstream_dirs = dict(upstream_dirs or {})
     with in_use(settings, family.name, snapshot, *upstream_dirs.values()):
         config = parse_config(family.config_cls, family_configs(settings).get(family.name, {}))
-        parts = model_key_parts(
-            family.name, code_version, jsonable(config), snapshot_key(snapshot), upstream_dirs
-        )
+        # only the upstream models fit reads: they are the checkpoint's inputs (emb_knn on
+        # mf_implicit is not retrained because gmf was)
+        read = {u: upstream_dirs[upstream_input_name(u)] for u in upstream_read(family, config)
+                if upstream_input_name(u) in upstream_dirs}  # fmt: skip
+        parts = model_key_parts(family.name, code_version, jsonable(config), snapshot_key(snapshot),
+                                {upstream_input_name(u): d for u, d in read.items()})  # fmt: skip
         runtime = training_runtime(settings, device, training_procs(family, settings, procs, log))
         parts["runtime"] = runtime.key()  # CPU and CUDA weights differ, and so do 1 and N processes
         key = reuse_key("model", parts)
@@ -170,17 +173,14 @@ def train(
         start = time.perf_counter()
         out = settings.artifacts_dir / family.name / run_id / "model"
         if runtime.world_size > 1:
-            dirs = {u: upstream_dirs[upstream_input_name(u)] for u in family.upstream
-                    if upstream_input_name(u) in upstream_dirs}  # fmt: skip
             job = torchrun.Job(family.name, snapshot, jsonable(config), str(out), runtime.torch_device.type,
-                               runtime.threads, runtime.buffer_rows, runtime.world_size, dirs)  # fmt: skip
+                               runtime.threads, runtime.buffer_rows, runtime.world_size, read)  # fmt: skip
             torchrun.launch(job, out.parent / "torchrun", log)
             seconds = round(time.perf_counter() - start, 2)
             cache.record(key, out, run_id, {"fit_seconds": seconds})
             return _saved(out, reuse, seconds)
         if family.upstream:
-            upstream = UpstreamModels({u: upstream_dirs[upstream_input_name(u)] for u in family.upstream
-                                       if upstream_input_name(u) in upstream_dirs})  # fmt: skip
+            upstream = UpstreamModels(read)
             model = fit_family(family, snapshot, config, log.info, runtime, upstream)
             # saved in config.json's meta, read back by the export step into lineage.json
             model.meta["upstream_models"] = upstream.used()

@@ -80,6 +80,33 @@ def test_changed_config_gives_a_new_key_and_a_new_checkpoint(tmp_path, settings,
         steps.train(family, snapshot, load_settings(), "run3", LOG, version)
 
 
+def test_emb_knn_checkpoint_depends_only_on_the_upstream_model_it_reads(tmp_path, settings, monkeypatch):
+    """emb_knn declares four embedding sources and reads the one ``source`` names: a new model
+    of another source (gmf retrained) reuses its checkpoint; a new model of its source does not."""
+    snapshot = str(write_tiny_snapshot(tmp_path / "snap"))
+    override = tmp_path / "models.toml"
+    override.write_text('[emb_knn]\nsource = "wals"\n')
+    monkeypatch.setenv("RECSYS_MODEL_CONFIG", str(override))
+    settings = load_settings()
+    wals, knn = FAMILIES["wals"], FAMILIES["emb_knn"]
+    wals_dir = str(steps.train(wals, snapshot, settings, "w1", LOG, source_version(wals.fit)).out)
+    gmf_dirs = [tmp_path / "gmf1", tmp_path / "gmf2"]  # never read: need not hold a model
+    for d in gmf_dirs:
+        d.mkdir()
+
+    def train(run_id: str, wals_dir: str, gmf_dir: Path):
+        dirs = {"model_wals": wals_dir, "model_gmf": str(gmf_dir)}
+        return steps.train(knn, snapshot, settings, run_id, LOG, source_version(knn.fit), dirs)
+
+    first = train("k1", wals_dir, gmf_dirs[0])
+    assert not first.reuse.reused and list(first.upstream_models) == ["model_wals"]
+    assert train("k2", wals_dir, gmf_dirs[1]).reuse.reused
+    override.write_text('[emb_knn]\nsource = "wals"\n[wals]\ndim = 8\n')
+    settings = load_settings()
+    other_wals = str(steps.train(wals, snapshot, settings, "w2", LOG, source_version(wals.fit)).out)
+    assert not train("k3", other_wals, gmf_dirs[1]).reuse.reused
+
+
 # Another process holds the registry lock until it reads a line on stdin.
 HOLDER = """
 import sys

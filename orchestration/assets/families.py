@@ -19,6 +19,7 @@ from orchestration.assets.metadata import curve_markdown, metrics_markdown
 from orchestration.assets.snapshot import training_snapshot
 from pipeline import steps
 from pipeline.family_config import family_configs
+from pipeline.fitting import upstream_read
 from pipeline.reuse import snapshot_key, source_version
 from pipeline.settings import load_settings
 
@@ -57,15 +58,14 @@ def _reuse_metadata(reuse: steps.Reuse, stage: str) -> dict:
 
 
 def read_upstream(family: Family) -> tuple[str, ...]:
-    """The upstream families ``fit`` will read under the configured config (the model class's
-    ``reads_upstream``: emb_knn the one its ``source`` names, neumf its halves when it
-    pretrains). A config that does not parse names them all (the step then reports the error)."""
+    """The upstream families ``fit`` will read under the configured config
+    (``pipeline.fitting.upstream_read``). A config that does not parse names them all (the step
+    then reports the error)."""
     try:
         config = parse_config(family.config_cls, family_configs(load_settings()).get(family.name, {}))
     except (TypeError, ValueError):
         return family.upstream
-    reads = family.model.reads_upstream(config) if family.model is not None else family.upstream
-    return tuple(name for name in reads if name in family.upstream)
+    return upstream_read(family, config)
 
 
 def upstream_not_fitted_on(instance: dg.DagsterInstance, family: Family, snapshot: str) -> dict[str, str]:
