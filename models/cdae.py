@@ -225,8 +225,8 @@ class BatchBuilder:
         kept_per_user = np.bincount(owner[keep], minlength=len(users))
         offsets = np.concatenate([[0], np.cumsum(kept_per_user)[:-1]]).astype(np.int64)
         weights = np.full(int(keep.sum()), 1.0 / (1.0 - c.corruption), dtype=np.float32)
-        if self.sampler is None:  # loss "full": the positives only, the loss scores every item
-            arrays = (node, items[keep], offsets, weights, owner, items, np.ones(len(items), np.float32))
+        if c.loss == "full":  # the positives only (no labels): the loss scores every item
+            arrays = (node, items[keep], offsets, weights, owner, items, np.zeros(0, np.float32))
             return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         neg = self.sampler.sample(np.repeat(users, counts), c.negatives).reshape(-1)
         pair_row = np.concatenate([owner, np.repeat(owner, c.negatives)])
@@ -269,7 +269,7 @@ class CDAE(TrainedModel):
         it scores, and the mean squared norm of the batch's user nodes)."""
         node, items, offsets, weights, pair_row, pair_item, label = batch
         h = module.hidden_sparse(node, items, offsets, weights)
-        if config.loss == "full":  # pair_row, pair_item: the positives; column 0 is never scored
+        if config.loss == "full":  # pair_row, pair_item: the positives (label empty); column 0 never scored
             logits = h @ module.item_out.weight[1:].T + module.item_bias[1:]
             target = torch.zeros_like(logits)
             target[pair_row, pair_item - 1] = 1.0
