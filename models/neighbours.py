@@ -7,12 +7,12 @@ self-contained and nothing ever densifies users x items:
 
 - ``forward(nbr_idx [B, k], nbr_weight [B, k]) -> [B, n_items]``: the weighted sum of the
   neighbours' rows, ``sum_j w[b, j] * R[nbr_idx[b, j], :]`` (top-K scoring). In the graph
-  each neighbour's row is read as positions ``indptr[v] + arange(max_row)``, masked past the
-  row's end and scatter-added into the output. Memory per call ~ ``B * s * max_row * 20``
-  bytes with s = ``slots_per_step`` neighbours at a time (all k when None). Eager calls on
-  CPU (fit's validation, benchmarks) take a sparse @ sparse product instead, reading only the
-  stored cells (~3x less work on skewed row lengths), the same sums up to addition order;
-  exporting traces the fixed-shape path.
+  the stored cells of ``s = slots_per_step`` neighbours' rows at a time (all k when None) are
+  read as one ragged range, whose length the graph learns when it runs, and scatter-added
+  into the output: memory and work ~ ``44`` bytes per stored cell read, not per
+  ``B * s * max_row`` padded slot (the graph's size estimate, ``export.runtime``, cannot see
+  this data-dependent part). Eager calls on CPU (fit's validation, benchmarks) take a
+  sparse @ sparse product instead, the same sums up to addition order.
 - ``lookup(nbr_idx [B, k], item_idx [B]) -> (R[nbr, item] [B, k], found [B, k])``: one cell
   per neighbour (rating prediction), by a binary search (additions only) in each neighbour's
   sorted row, unrolled ``max_row.bit_length()`` times; memory ~ ``B * k`` per step, whatever
@@ -80,7 +80,6 @@ class NeighbourRows(nn.Module):
         # At least one slot, so a masked position 0 is always a valid Gather index.
         self.register_buffer("indices", torch.zeros(max(nnz, 1), dtype=torch.int64))
         self.register_buffer("values", torch.zeros(max(nnz, 1)))
-        self.register_buffer("offsets", torch.arange(max(max_row, 1)), persistent=False)
 
     @classmethod
     def from_csr(cls, csr: sp.spmatrix, slots_per_step: int | None = None) -> NeighbourRows:
@@ -109,14 +108,29 @@ class NeighbourRows(nn.Module):
         return start, length
 
     def _scatter(self, out: torch.Tensor, nbr_idx: torch.Tensor, nbr_weight: torch.Tensor) -> torch.Tensor:
+        """``out [B, n_items]`` plus the weighted rows of the neighbours ``nbr_idx [B, s]``, reading
+        only their stored cells: the rows laid end to end as one ragged range of ``n`` positions
+        (``n`` = the rows' total length, known only when the graph runs), each position's
+        neighbour found by a cumulative sum of the rows' start marks. Each cell is added in
+        neighbour order, as a padded ``[B, s, max_row]`` block read it, so the sums are the
+        same bit for bit; the work follows the cells read, not ``B * s * max_row`` (on a skewed
+        catalogue, where the heaviest row is 100x the mean, that was 100x the cells)."""
         start, length = self._rows(nbr_idx)  # [B, s]
-        inside = self.offsets < length.unsqueeze(2)  # [B, s, max_row]
-        pos = torch.where(inside, start.unsqueeze(2) + self.offsets, torch.zeros_like(start).unsqueeze(2))
-        cols = torch.where(inside, self.indices[pos], torch.zeros_like(pos))
-        vals = torch.where(
-            inside, self.values[pos] * nbr_weight.unsqueeze(2), torch.zeros_like(nbr_weight)[..., None]
-        )
-        return out.scatter_add(1, cols.flatten(1), vals.flatten(1))
+        width = nbr_idx.shape[1]
+        length, start = length.reshape(-1), start.reshape(-1)
+        ends = torch.cumsum(length, 0)
+        begins = ends - length
+        n = int(length.sum().item())  # 0 for an empty batch
+        torch._check_is_size(n)
+        # marks[p]: how many rows begin at p (empty rows begin where the next one does), so the
+        # cumulative count less one is the last row begun at or before p: the one p is in
+        marks = torch.zeros(n + 1, dtype=torch.int64, device=begins.device)
+        marks = marks.scatter_add(0, begins, torch.ones_like(begins))
+        row = torch.cumsum(marks[:n], 0) - 1
+        pos = torch.arange(n, dtype=torch.int64, device=begins.device) - begins[row] + start[row]
+        cells = torch.div(row, width, rounding_mode="floor") * self.n_items + self.indices[pos]
+        vals = self.values[pos] * nbr_weight.reshape(-1)[row]
+        return out.reshape(-1).scatter_add(0, cells, vals).reshape(out.shape)
 
     def _sparse_product(self, nbr_idx: torch.Tensor, nbr_weight: torch.Tensor) -> torch.Tensor:
         """Eager ``forward``: the neighbour weights as a sparse ``[B, n_users]`` matrix times R's

@@ -60,6 +60,65 @@ def test_neighbour_rows_equal_dense_matmul(slots_per_step):
     np.testing.assert_array_equal(found.numpy(), cell != 0)
 
 
+class _Rows(torch.nn.Module):
+    def __init__(self, rows: NeighbourRows):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, nbr_idx: torch.Tensor, nbr_weight: torch.Tensor) -> torch.Tensor:
+        return self.rows(nbr_idx, nbr_weight)
+
+
+@pytest.mark.parametrize("slots_per_step", [None, 1, 3])
+def test_neighbour_rows_graph_reads_only_stored_cells_and_equals_the_reference(slots_per_step, monkeypatch,
+                                                                               tmp_path):  # fmt: skip
+    """The graph path (what the export traces) on a skewed matrix, one row 40x the others:
+    the ragged read of the neighbours' stored cells gives the dense reference in torch and in
+    onnxruntime, empty and all-padding batches included, and no tensor of the exported graph
+    is padded to the longest row (the work follows the cells read)."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    dense = random_ratings(30, 300, 0.02, seed=4)
+    dense[5, 1:] = rng.integers(1, 6, 299)  # the heaviest row: 299 cells, the others ~6
+    dense[0, 3] = 4.0  # index 0 is padding even though row 0 holds data
+    rows = NeighbourRows.from_csr(sp.csr_matrix(dense), slots_per_step=slots_per_step)
+    idx = rng.integers(0, 30, (12, 7))
+    idx[0, :] = 0
+    idx[1, :] = 5
+    idx[2, 3] = 77  # out of range: an empty row
+    w = rng.normal(size=idx.shape).astype(np.float32)
+    padded = np.vstack([dense, np.zeros((50, 300))])
+    padded[0] = 0
+    ref = np.einsum("bk,bki->bi", w, padded[idx])
+
+    monkeypatch.setattr(neighbours, "exporting", lambda: True)
+    with torch.no_grad():
+        got = rows(torch.from_numpy(idx), torch.from_numpy(w)).numpy()
+        empty = rows(torch.zeros((0, 7), dtype=torch.int64), torch.zeros((0, 7)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert empty.shape == (0, 300)
+    if slots_per_step != 3:  # one export (several steps, each its own ragged range) is enough
+        return
+
+    path = tmp_path / "rows.onnx"
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(_Rows(rows).eval(), (torch.from_numpy(idx), torch.from_numpy(w)), str(path),
+                      input_names=["nbr_idx", "nbr_weight"], output_names=["scores"], dynamo=True,
+                      dynamic_shapes={"nbr_idx": {0: batch}, "nbr_weight": {0: batch}}, opset_version=18,
+                      external_data=False)  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {"nbr_idx": idx, "nbr_weight": w})
+    np.testing.assert_array_equal(onnx_out, got)
+    padding = {"nbr_idx": np.zeros((3, 7), np.int64), "nbr_weight": np.zeros((3, 7), np.float32)}
+    (none,) = session.run(None, padding)
+    assert not none.any()
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    dims = {d.dim_value for v in model.graph.value_info for d in v.type.tensor_type.shape.dim}
+    assert rows.max_row == 299 and 299 not in dims
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager-compiled", "graph-unrolled"])
 def test_neighbour_rows_lookup_finds_every_stored_cell_of_long_rows(graph, monkeypatch):
     """The binary search must reach both ends of rows of every length up to max_row: the
