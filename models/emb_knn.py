@@ -69,9 +69,9 @@ class Config:
     k: int = 50
     # Length of a similar-items list: a carousel shows ~10-20.
     similar_k: int = 20
-    # Neighbours whose train rows are gathered per step (NeighbourRows): the gathered block is
-    # ~batch * slots * max_row * 20 bytes, ~120 MB at 256 users and MovieLens-1M's heaviest
-    # user (2.3k items) instead of 5x that for all 50 at once; each step adds a few graph nodes.
+    # Neighbours whose train rows are read per step (NeighbourRows): a step holds ~50 bytes per
+    # stored cell of those rows, at most batch * slots * max_row cells (~120 MB at 256 users
+    # and MovieLens-1M's heaviest user, 2.3k items); each step adds a few graph nodes.
     slots_per_step: int = 10
     # Valid users sampled to report a valid NDCG@10 (as WALS / mf_implicit do).
     eval_users: int = 1000

@@ -9,7 +9,7 @@ self-contained and nothing ever densifies users x items:
   neighbours' rows, ``sum_j w[b, j] * R[nbr_idx[b, j], :]`` (top-K scoring). In the graph
   the stored cells of ``s = slots_per_step`` neighbours' rows at a time (all k when None) are
   read as one ragged range, whose length the graph learns when it runs, and scatter-added
-  into the output: memory and work ~ ``44`` bytes per stored cell read, not per
+  into the output: memory and work ~ 50 bytes per stored cell read, not per
   ``B * s * max_row`` padded slot (the graph's size estimate, ``export.runtime``, cannot see
   this data-dependent part). Eager calls on CPU (fit's validation, benchmarks) take a
   sparse @ sparse product instead, the same sums up to addition order.

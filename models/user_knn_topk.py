@@ -37,11 +37,11 @@ from models.user_knn import Log, NeighbourConfig, train_ratings, user_similarity
 class Config(NeighbourConfig):
     # What a neighbour's row votes with: "binary" (default, docstring) or "centred" ratings.
     values: str = "binary"
-    # Train-row cells the graph gathers per user per scatter step: each step reads
-    # s = budget // max_row neighbours' rows (max_row = the longest train row), so a call
-    # holds ~ batch * budget * 20 bytes (256 users: ~170 MB) whatever the data. Small data
-    # reads all k in one step; ML-1M (max_row 2.3k) takes 4 steps. Each step is unrolled in
-    # the graph (~1 s of export time each), hence no smaller default.
+    # Train-row cells the graph may read per user per scatter step: each step reads the stored
+    # cells of s = budget // max_row neighbours' rows (max_row = the longest train row), so a
+    # call holds at most ~ batch * budget * 50 bytes whatever the data (typically far less: the
+    # cells actually stored). Small data reads all k in one step; ML-1M (max_row 2.3k) takes 4
+    # steps. Each step is unrolled in the graph (~1 s of export time each).
     gather_budget: int = 32768
     # Valid users ranked for the history row's NDCG@10 (full ranking costs n_items each).
     eval_users: int = 1000
@@ -83,7 +83,7 @@ class UserKNNTopK(TrainedModel):
             self.meta,
             f"scores = sum over the user's k={self.meta['k']} neighbours of sim * their train row "
             f"({c.values}), read {self.meta['slots_per_step']} neighbours per step; memory per call ~ "
-            f"batch * {self.meta['slots_per_step']} * {self.meta['max_row']} (longest train row) * 20 bytes",
+            "50 bytes per stored cell of the neighbours' rows",
         )
 
 
