@@ -65,6 +65,9 @@ defs = dg.Definitions(
         "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
         UPSTREAM_LOADER: upstream_checkpoint,
         EVAL_LOADER: latest_evaluation,
+        # Dagster's default, named so that sensors and schedules see what EVAL_LOADER needs
+        # (they check resource dependencies against this dict, not the implicit default)
+        "io_manager": dg.fs_io_manager,
     },
     executor=_executor(SETTINGS.max_concurrent),
 )
