@@ -6,7 +6,7 @@
 
 Each (family, budget, estimate) runs ``evaluation.evaluate.evaluate_onnx`` on the family's latest
 exported model and the latest training snapshot of the home's Dagster instance, in a fresh child
-process (``RECSYS_SCORE_MEMORY_MB`` = the budget), and prints the wall time, the peak resident
+process, with the budget as its ``score_memory_mb`` (what ``RECSYS_SCORE_MEMORY_MB`` sets), and prints the wall time, the peak resident
 memory above what the process held when the evaluation started (sampled every 10 ms), the
 graph's bytes per scored row under the estimate, and the main metrics, which must not depend on
 the estimate. Estimates:
@@ -16,7 +16,7 @@ the estimate. Estimates:
 - ``sum``: every per-row tensor of the graph added up, as if all were alive at once (the
   pipeline's estimate before 2026-12-02).
 
-The runs alternate estimates within each budget, so machine noise lands on both.
+The estimates take turns within each budget, so machine noise lands on both.
 """
 
 from __future__ import annotations
