@@ -6,10 +6,10 @@
 
 Each (family, budget, estimate) runs ``evaluation.evaluate.evaluate_onnx`` on the family's latest
 exported model and the latest training snapshot of the home's Dagster instance, in a fresh child
-process, with the budget as its ``score_memory_mb`` (what ``RECSYS_SCORE_MEMORY_MB`` sets), and prints the wall time, the peak resident
-memory above what the process held when the evaluation started (sampled every 10 ms), the
-graph's bytes per scored row under the estimate, and the main metrics, which must not depend on
-the estimate. Estimates:
+process, with the budget as its ``score_memory_mb`` (what ``RECSYS_SCORE_MEMORY_MB`` sets), and
+prints the wall time, the peak resident memory above what the process held when the evaluation
+started (sampled every 10 ms), the graph's bytes per scored row under the estimate, and the main
+metrics, which must not depend on the estimate. Estimates:
 
 - ``live``: the peak of the tensors alive at once when the graph's nodes run in order (what the
   pipeline uses, ``export.runtime.graph_bytes_per_row``);
