@@ -6,6 +6,7 @@
     python benchmarks/bench_threads.py --paths                   # stream vs memory, 1 thread
     python benchmarks/bench_threads.py --rss --snapshot A B      # peak RSS, stream vs memory, per size
     python benchmarks/bench_threads.py --fingerprint --snapshot S --families deepfm din
+    python benchmarks/bench_threads.py --precisions fp32 bf16 --epochs 0   # autocast, full fits
 
 Each measurement fits one family for ``--epochs`` epochs (default 1) in this process inside
 ``use_runtime(Runtime(threads=t, stream=...))`` and records the fit's wall time and the epoch's
@@ -18,6 +19,10 @@ after is printed: compare ratios inside one run, not absolute seconds across run
 process's peak RSS (``ru_maxrss``) beside that of a process that only imports the same modules,
 so the difference is what training held; run it on snapshots of different sizes to see whether
 peak memory grows with the row count.
+
+``--precisions`` compares the training autocast (RECSYS_PRECISION: ``fp32``, ``bf16``; one thread
+each) instead of thread counts; with ``--epochs 0`` every fit runs at the family's defaults (early
+stopping included), so the last column compares the models' quality as well as their speed.
 
 ``--fingerprint`` fits each family at its defaults and prints a sha256 of its weights and of its
 history (epoch, train loss, valid metric): run it in two checkouts to show they train the same model.
@@ -48,14 +53,14 @@ def measure(family: str, snapshot, epochs: int, runtime) -> tuple[float, float, 
     from models.runtime import use_runtime
 
     fam = FAMILIES[family]
-    config = parse_config(fam.config_cls, {"epochs": epochs})
+    config = parse_config(fam.config_cls, {"epochs": epochs} if epochs else {})  # 0: the defaults
     start = time.perf_counter()
     with use_runtime(runtime):
         model = fam.fit(snapshot, config, lambda _: None)
     wall = time.perf_counter() - start
-    best = max(
-        (r["valid_metric"] for r in model.history if r["valid_metric"] is not None), default=float("nan")
-    )
+    metrics = [r["valid_metric"] for r in model.history if r["valid_metric"] is not None]
+    lower = model.history and model.history[0].get("valid_metric_name") in ("rmse", "mae")
+    best = (min if lower else max)(metrics, default=float("nan"))  # the kept epoch's
     return wall, statistics.median(r["rows_per_s"] for r in model.history), best
 
 
@@ -130,7 +135,8 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=["deepfm", "din", "mf_sgd"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per fit; 0: the family's defaults")
+    ap.add_argument("--precisions", nargs="+", help="compare autocast precisions (fp32 bf16) on 1 thread")
     ap.add_argument("--paths", action="store_true", help="compare streamed and in-memory rows (1 thread)")
     ap.add_argument("--rss", action="store_true", help="peak RSS per snapshot, streamed vs in-memory")
     ap.add_argument("--fingerprint", action="store_true", help="hash of each family's trained weights")
@@ -160,6 +166,8 @@ def main() -> None:
 
     if args.paths:
         variants = {"stream": Runtime(stream=True), "memory": Runtime(stream=False)}
+    elif args.precisions:
+        variants = {p: Runtime(precision=p) for p in args.precisions}
     else:
         variants = {f"{t} thread{'s' if t > 1 else ''}": Runtime(threads=t) for t in args.threads}
     print(f"snapshot {path} ({snapshot.meta['split_rows']}), load average {os.getloadavg()}", flush=True)

@@ -50,7 +50,7 @@ BUDGET_EVERY = 16
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def start(device: str, threads: int, buffer_rows: int) -> Runtime:
+def start(device: str, threads: int, buffer_rows: int, precision: str = "auto") -> Runtime:
     """Join the process group ``torchrun`` set up (its ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``PORT``): NCCL on GPUs (rank ``r`` on ``cuda:LOCAL_RANK``), gloo on CPU.
     Returns the runtime this rank trains in."""
@@ -65,7 +65,8 @@ def start(device: str, threads: int, buffer_rows: int) -> Runtime:
         device = f"cuda:{local}"
     else:
         dist.init_process_group("gloo")
-    return Runtime(device=device, threads=threads, buffer_rows=buffer_rows, rank=rank, world_size=world)
+    return Runtime(device=device, threads=threads, buffer_rows=buffer_rows, rank=rank, world_size=world,
+                   precision=precision)
 
 
 def stop() -> None:

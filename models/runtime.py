@@ -1,12 +1,12 @@
 """Where a torch family trains: the ``Runtime`` (device, CPU threads, streamed or in-memory rows,
 the rank/world size a multi-process sampler would get, the clock of the time budget), the
-``Budget`` of ``max_minutes`` and the ``Stepper`` that does one optimiser step (autocast and a
-GradScaler only on CUDA).
+``Budget`` of ``max_minutes`` and the ``Stepper`` that does one optimiser step (autocast as the
+runtime's ``precision`` says, a GradScaler with fp16).
 
 The caller sets the runtime once per fit with ``use_runtime`` (``pipeline.steps.train`` builds it
-from ``RECSYS_DEVICE``, ``RECSYS_TORCH_THREADS`` and the run config), so a family's ``fit``
-signature does not change; every training loop reads it with ``current_runtime()`` and appends its
-report (``budget_hit``, ``epochs``, ``stopped``) to the list ``use_runtime`` yields.
+from ``RECSYS_DEVICE``, ``RECSYS_TORCH_THREADS``, ``RECSYS_PRECISION`` and the run config), so a
+family's ``fit`` signature does not change; every training loop reads it with ``current_runtime()``
+and appends its report (``budget_hit``, ``epochs``, ``stopped``) to the list ``use_runtime`` yields.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ import torch
 from torch import nn
 
 DEVICES = ("auto", "cpu", "cuda")
+# Autocast of the training step: ``auto`` is bf16 on CUDA (fp16 where bf16 is missing) and none on
+# CPU, so CPU training stays bit for bit the float32 loop; ``fp32`` is none anywhere; ``bf16`` is
+# bf16 on CUDA and on CPU too, where it pays only on CPUs with bf16 instructions (AVX512-BF16,
+# AMX): BENCHMARKS.md, "bf16 autocast on CPU". Master weights, optimiser state, validation and the
+# export stay float32 in every case.
+PRECISIONS = ("auto", "fp32", "bf16")
 # Rows shuffled together by the streaming loader: 2^18 rows is ~130 MB of DIN/BST rows (50-item
 # histories) and holds the whole default data set (80k train rows), whose order is then the
 # in-memory loop's exactly.
@@ -61,6 +67,16 @@ def resolve_device(choice: str | None, variable: str = "RECSYS_DEVICE") -> torch
     raise ValueError(f"{variable}={choice!r} is not one of {', '.join(DEVICES)} (or cuda:N).")
 
 
+def check_precision(runtime: Runtime, variable: str = "RECSYS_PRECISION") -> None:
+    """bf16 on a GPU without it fails before training, naming the setting that asked."""
+    device = runtime.torch_device
+    if runtime.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceUnavailable(
+            f"{variable}=bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16 support; set "
+            "auto (fp16 with a gradient scaler there) or fp32."
+        )
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a fit trains. The default is the project's CPU default: one thread,
@@ -76,6 +92,7 @@ class Runtime:
     # tables of at least this many rows get sparse gradients (0: none); one process only, as
     # DistributedDataParallel's NCCL all-reduce takes dense gradients
     sparse_min_rows: int = DEFAULT_SPARSE_MIN_ROWS
+    precision: str = "auto"  # one of PRECISIONS
     clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self):
@@ -85,6 +102,8 @@ class Runtime:
             raise ValueError(f"sparse_min_rows must be >= 0 (0: none), got {self.sparse_min_rows}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -92,7 +111,12 @@ class Runtime:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """Autocast dtype: bf16 on CUDA (fp16 where bf16 is missing), none on CPU (full float32)."""
+        """Autocast dtype (``PRECISIONS``): under ``auto`` bf16 on CUDA (fp16 where bf16 is missing)
+        and none on CPU (full float32); none under ``fp32``; bf16 under ``bf16``."""
+        if self.precision == "fp32":
+            return None
+        if self.precision == "bf16":
+            return torch.bfloat16
         if self.torch_device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -165,8 +189,9 @@ class Budget:
 
 
 class Stepper:
-    """One optimiser step: the loss under autocast with a GradScaler (fp16) on CUDA, plain float32
-    elsewhere (so CPU training is bit-identical to a loop without this class). ``optimizer`` may be
+    """One optimiser step: the loss under the runtime's autocast (``Runtime.amp_dtype``), with a
+    GradScaler under fp16; plain float32 without one (so CPU training at the default precision is
+    bit-identical to a loop without this class). ``optimizer`` may be
     a ``models.train.Optimizers`` (a lazy Adam for sparse tables beside Adam for the rest)."""
 
     def __init__(self, optimizer, runtime: Runtime):

@@ -6,9 +6,11 @@ validation closure. The metrics that pick the best epoch live with every other m
 ``common/metrics.py``.
 
 Where it runs is the ``models.runtime.Runtime`` the caller set: the loop moves the module and
-every batch to its device, uses autocast (bf16; fp16 with a GradScaler where bf16 is missing)
-only on CUDA, and hands the module back on the CPU, so saving, export and the parity gate never
-depend on where training ran. A family's ``max_minutes`` bounds the loop (``train_torch``).
+every batch to its device, runs the loss under the runtime's autocast (``precision``: by default
+bf16 on CUDA, fp16 with a GradScaler where bf16 is missing, none on CPU; bf16 on CPU only when
+asked) and hands the float32 module back on the CPU, so saving, export and the parity gate never
+depend on where or in what precision training ran. A family's ``max_minutes`` bounds the loop
+(``train_torch``).
 
 Under ``torchrun`` (a runtime with ``world_size`` > 1) the same loop trains with
 DistributedDataParallel: each rank steps on its part of every batch, rank 0 alone validates, and

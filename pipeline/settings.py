@@ -22,6 +22,7 @@ choices per run (see ``orchestration.assets``); everything else is process-wide.
 | ``RECSYS_MAX_CONCURRENT`` | 1 | steps run at once: 1 = one process per run (in-process executor) |
 | ``RECSYS_DEVICE`` | ``auto`` | torch training: ``auto`` (CUDA if present) \\| ``cpu`` \\| ``cuda[:N]`` |
 | ``RECSYS_TORCH_THREADS`` | 1 | CPU threads of torch training (BENCHMARKS.md, "Training threads") |
+| ``RECSYS_PRECISION`` | ``auto`` | autocast: ``auto`` (CUDA bf16/fp16, CPU none) \\| ``fp32`` \\| ``bf16`` |
 | ``RECSYS_STREAM_BUFFER_ROWS`` | 262144 | rows the streaming loader shuffles together (memory ~ this) |
 | ``RECSYS_SPARSE_MIN_ROWS`` | 20000 | tables this large: sparse gradients, lazy Adam / LazySGD (0: none) |
 | ``RECSYS_TRAIN_PROCS`` | 1 | processes per gradient-trained fit; > 1: DDP under ``torchrun`` |
@@ -55,6 +56,7 @@ SOURCES = ("synthetic", "movielens", "files")
 SPLITS = ("temporal", "leave_last_out", "stratified")
 ENCODINGS = ("utf-8", "latin-1")  # csv/tsv encodings DuckDB reads without an extension
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N; resolved against torch at training time
+PRECISIONS = ("auto", "fp32", "bf16")  # models.runtime.PRECISIONS (this module does not import torch)
 DEFAULT_STREAM_BUFFER_ROWS = 1 << 18  # = models.runtime.DEFAULT_BUFFER_ROWS (not imported: torch)
 DEFAULT_SPARSE_MIN_ROWS = 20_000  # = models.runtime.DEFAULT_SPARSE_MIN_ROWS
 # The input guards' defaults (reasons beside them in ingest/guards.py):
@@ -130,6 +132,14 @@ def device_choice(value: str | None, name: str = "RECSYS_DEVICE") -> str:
     return text
 
 
+def precision_choice(value: str | None, name: str = "RECSYS_PRECISION") -> str:
+    """``auto``, ``fp32`` or ``bf16`` (lower-cased), else a SettingsError naming ``name``."""
+    text = (value or "auto").strip().lower()
+    if text not in PRECISIONS:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(PRECISIONS)}.")
+    return text
+
+
 def parse_column_map(text: str | None) -> dict[str, str]:
     """``"user_id=uid, item_id=sku"`` -> ``{"user_id": "uid", "item_id": "sku"}``."""
     if not text:
@@ -171,6 +181,7 @@ class Settings:
     bless_tolerance: float = 0.02
     device: str = "auto"
     torch_threads: int = 1
+    precision: str = "auto"
     stream_buffer_rows: int = DEFAULT_STREAM_BUFFER_ROWS
     sparse_min_rows: int = DEFAULT_SPARSE_MIN_ROWS
     # 1: train in the step's own process (as always); N > 1: a torchrun group of N DDP processes
@@ -280,6 +291,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_concurrent=_env_int(env, "RECSYS_MAX_CONCURRENT", 1, 1),
         device=device_choice(env.get("RECSYS_DEVICE")),
         torch_threads=_env_int(env, "RECSYS_TORCH_THREADS", 1, 1),
+        precision=precision_choice(env.get("RECSYS_PRECISION")),
         stream_buffer_rows=_env_int(env, "RECSYS_STREAM_BUFFER_ROWS", DEFAULT_STREAM_BUFFER_ROWS, 1),
         sparse_min_rows=_env_int(env, "RECSYS_SPARSE_MIN_ROWS", DEFAULT_SPARSE_MIN_ROWS, 0),
         train_procs=_env_int(env, "RECSYS_TRAIN_PROCS", 1, 1),

@@ -24,7 +24,7 @@ from export.registry import Blessing, Promotion, bless, promote_blessed
 from models.base import CONFIG_FILE, WEIGHTS_FILE
 from models.catalogue import Family
 from models.config import config_values, parse_config
-from models.runtime import Runtime, resolve_device
+from models.runtime import Runtime, check_precision, resolve_device
 from pipeline import torchrun
 from pipeline.family_config import family_configs
 from pipeline.fitting import UpstreamModels, fit_family, gradient_trained, upstream_input_name, upstream_read
@@ -37,7 +37,7 @@ from pipeline.reuse import (
     reuse_key,
     snapshot_key,
 )
-from pipeline.settings import Settings, SettingsError, device_choice
+from pipeline.settings import Settings, SettingsError, device_choice, precision_choice
 
 ONNX_FILES = ("model.onnx", "signature.json", "lineage.json")
 
@@ -102,16 +102,21 @@ class Trained:
     training: dict = field(default_factory=dict)  # device, threads, budget_hit, epochs (training_summary)
 
 
-def training_runtime(settings: Settings, device: str | None = None, procs: int = 1) -> Runtime:
+def training_runtime(settings: Settings, device: str | None = None, procs: int = 1,
+                     precision: str | None = None) -> Runtime:  # fmt: skip
     """Where a family trains: the run config's ``device`` or ``RECSYS_DEVICE`` resolved against
     torch (``cuda`` without CUDA fails, naming which one asked), ``RECSYS_TORCH_THREADS`` CPU
-    threads, streamed rows shuffled ``RECSYS_STREAM_BUFFER_ROWS`` at a time, on ``procs``
-    processes (rank 0 of them here: the torchrun workers take their own ranks)."""
+    threads, the run config's ``precision`` or ``RECSYS_PRECISION``, streamed rows shuffled
+    ``RECSYS_STREAM_BUFFER_ROWS`` at a time, on ``procs`` processes (rank 0 of them here: the
+    torchrun workers take their own ranks)."""
     name = "run config device" if device else "RECSYS_DEVICE"
     choice = device_choice(device, name) if device else settings.device
+    precision_name = "run config precision" if precision else "RECSYS_PRECISION"
+    precision = precision_choice(precision, precision_name) if precision else settings.precision
     runtime = Runtime(device=str(resolve_device(choice, name)), threads=settings.torch_threads,
                       buffer_rows=settings.stream_buffer_rows, world_size=procs,
-                      sparse_min_rows=settings.sparse_min_rows)  # fmt: skip
+                      sparse_min_rows=settings.sparse_min_rows, precision=precision)  # fmt: skip
+    check_precision(runtime, precision_name)
     torchrun.check_devices(runtime)
     return runtime
 
@@ -139,6 +144,7 @@ def _saved(out: Path, reuse: Reuse, seconds: float) -> Trained:
 def train(
     family: Family, snapshot: str, settings: Settings, run_id: str, log, code_version: str,
     upstream_dirs: Mapping[str, str] | None = None, device: str | None = None, procs: int | None = None,
+    precision: str | None = None,
 ) -> Trained:  # fmt: skip
     """Fit ``family`` on the snapshot, or reuse the checkpoint of an earlier run with the same key.
 
@@ -161,7 +167,7 @@ def train(
                 if upstream_input_name(u) in upstream_dirs}  # fmt: skip
         parts = model_key_parts(family.name, code_version, jsonable(config), snapshot_key(snapshot),
                                 {upstream_input_name(u): d for u, d in read.items()})  # fmt: skip
-        runtime = training_runtime(settings, device, training_procs(family, settings, procs, log))
+        runtime = training_runtime(settings, device, training_procs(family, settings, procs, log), precision)
         parts["runtime"] = runtime.key()  # CPU and CUDA weights differ, and so do 1 and N processes
         key = reuse_key("model", parts)
         cache = StepCache(settings.artifacts_dir, family.name, "model", (WEIGHTS_FILE, CONFIG_FILE))
@@ -174,7 +180,8 @@ def train(
         out = settings.artifacts_dir / family.name / run_id / "model"
         if runtime.world_size > 1:
             job = torchrun.Job(family.name, snapshot, jsonable(config), str(out), runtime.torch_device.type,
-                               runtime.threads, runtime.buffer_rows, runtime.world_size, read)  # fmt: skip
+                               runtime.threads, runtime.buffer_rows, runtime.world_size, read,
+                               runtime.precision)  # fmt: skip
             torchrun.launch(job, out.parent / "torchrun", log)
             seconds = round(time.perf_counter() - start, 2)
             cache.record(key, out, run_id, {"fit_seconds": seconds})

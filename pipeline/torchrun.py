@@ -69,6 +69,7 @@ class Job:
     buffer_rows: int
     procs: int
     upstream: dict = field(default_factory=dict)  # upstream family -> its saved model dir
+    precision: str = "auto"  # models.runtime.PRECISIONS
 
 
 def check_devices(runtime: Runtime, variable: str = "RECSYS_TRAIN_PROCS") -> None:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     """A torchrun worker: ``python -m pipeline.torchrun <job.json>``."""
     args = sys.argv[1:] if argv is None else argv
     job = Job(**json.loads(Path(args[0]).read_text()))
-    rt = distributed.start(job.device, job.threads, job.buffer_rows)
+    rt = distributed.start(job.device, job.threads, job.buffer_rows, job.precision)
     try:
         family = FAMILIES[job.family]
         config = parse_config(family.config_cls, job.config)

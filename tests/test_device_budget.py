@@ -77,15 +77,70 @@ def test_auto_picks_cuda_only_when_torch_sees_it(monkeypatch):
         resolve_device("cuda:3")
 
 
-def test_mixed_precision_only_on_cuda(monkeypatch):
+def test_mixed_precision_by_default_only_on_cuda(monkeypatch):
     cpu = Runtime()
     assert cpu.amp_dtype is None and cpu.describe()["amp"] is None and cpu.describe()["device"] == "cpu"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert Runtime(device="cuda").amp_dtype == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert Runtime(device="cuda").describe()["amp"] == "fp16"
+    # asked for: bf16 on CPU too, none at all with fp32
+    assert Runtime(precision="bf16").describe()["amp"] == "bf16"
+    assert Runtime(device="cuda", precision="fp32").amp_dtype is None
+    with pytest.raises(ValueError, match="precision"):
+        Runtime(precision="fp16")
     with pytest.raises(ValueError, match="rank"):
         Runtime(rank=2, world_size=2)
+
+
+def test_precision_setting_is_validated_and_bf16_needs_it_on_the_gpu(tmp_path, monkeypatch):
+    from models.runtime import PRECISIONS
+    from pipeline.settings import PRECISIONS as SETTING_CHOICES
+
+    assert PRECISIONS == SETTING_CHOICES
+    assert load_settings({}).precision == "auto"
+    assert load_settings({"RECSYS_PRECISION": " BF16 "}).precision == "bf16"
+    with pytest.raises(SettingsError, match="RECSYS_PRECISION='fp16'"):
+        load_settings({"RECSYS_PRECISION": "fp16"})
+    settings = load_settings({"RECSYS_HOME": str(tmp_path)})
+    with pytest.raises(SettingsError, match="run config precision"):
+        steps.training_runtime(settings, precision="half")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    with pytest.raises(DeviceUnavailable, match="run config precision=bf16: the GPU Tesla T4"):
+        steps.training_runtime(settings, device="cuda", precision="bf16")
+    assert steps.training_runtime(settings, device="cuda").amp_dtype == torch.float16
+
+
+def test_bf16_on_cpu_trains_under_autocast_and_hands_back_float32_weights(snapshot, tmp_path):
+    """RECSYS_PRECISION=bf16: the forward of every step runs in bf16 (a Linear's output), while
+    the weights, the saved checkpoint and the exported graph stay float32 and pass the parity
+    gate. It is a different model from the float32 one, so it is not reused for it."""
+    seen = []
+    env = {"RECSYS_HOME": str(tmp_path), "RECSYS_MODEL_CONFIG": str(tmp_path / "m.toml")}
+    settings = {p: load_settings({**env, "RECSYS_PRECISION": p}) for p in ("auto", "bf16")}
+    (tmp_path / "m.toml").write_text("[deepfm]\nepochs = 1\n")
+    # a global hook: it sees every Linear of the model that fit builds inside
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, _, out: seen.append(out.dtype)
+        if isinstance(module, torch.nn.Linear) and module.training else None
+    )  # fmt: skip
+    try:
+        bf16 = steps.train(FAMILIES["deepfm"], str(snapshot.path), settings["bf16"], "r1", LOG, "v1")
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}, set(seen)
+    assert bf16.training["amp"] == "bf16"
+    weights = torch.load(bf16.out / "model.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
+    fp32 = steps.train(FAMILIES["deepfm"], str(snapshot.path), settings["auto"], "r2", LOG, "v1")
+    assert not fp32.reuse.reused and fp32.training["amp"] is None  # trained, not bf16's checkpoint
+    assert not _same(weights, torch.load(fp32.out / "model.pt", weights_only=True))
+    exported = steps.export(FAMILIES["deepfm"], str(bf16.out), str(snapshot.path), settings["bf16"], "r1",
+                            LOG, "v1")  # fmt: skip
+    assert exported.parity["passed"], exported.parity
 
 
 def test_thread_setting_reaches_torch_and_is_restored():
@@ -247,3 +302,6 @@ def test_run_config_device_reaches_the_model_asset(snapshot, tmp_path, monkeypat
                             raise_on_error=False)  # fmt: skip
     assert not failed.success
     assert "run config device=cuda" in str(failed.all_events)
+    bf16 = dg.materialize(assets, run_config={"ops": {"model_deepfm": {"config": {"precision": "bf16"}}}})
+    [event] = bf16.asset_materializations_for_node("model_deepfm")
+    assert event.metadata["training"].value["amp"] == "bf16"

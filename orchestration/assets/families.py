@@ -106,11 +106,13 @@ def _refuse_stale_upstream(context: dg.AssetExecutionContext, family: Family, sn
 
 class TrainingRunConfig(dg.Config):
     """Per-run override of where the torch families train (``auto``, ``cpu``, ``cuda``,
-    ``cuda:N``; empty means RECSYS_DEVICE) and on how many torchrun processes (0 means
-    RECSYS_TRAIN_PROCS; N > 1 trains a gradient-trained family with DDP)."""
+    ``cuda:N``; empty means RECSYS_DEVICE), on how many torchrun processes (0 means
+    RECSYS_TRAIN_PROCS; N > 1 trains a gradient-trained family with DDP) and in what precision
+    (``auto``, ``fp32``, ``bf16``; empty means RECSYS_PRECISION)."""
 
     device: str = ""
     procs: int = 0
+    precision: str = ""
 
 
 def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
@@ -137,7 +139,8 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
             "checkpoint is reused instead of retrained (`reused: true`, `reuse` says from which run). "
             "`training`: device, threads, rows streamed or in memory, `budget_hit` (the config's "
             "`max_minutes` ran out); run config `device` overrides RECSYS_DEVICE, `procs` (DDP processes "
-            "under torchrun, whose output streams into this step's log) RECSYS_TRAIN_PROCS."
+            "under torchrun, whose output streams into this step's log) RECSYS_TRAIN_PROCS, `precision` "
+            "(autocast: auto, fp32, bf16) RECSYS_PRECISION."
             + (upstream_note if family.upstream else "")
         ),
     )
@@ -153,7 +156,8 @@ def model_asset(family: Family, version: str) -> dg.AssetsDefinition:
         upstream_dirs = {key: path for key, path in upstream_dirs.items() if path is not None}
         try:
             result = steps.train(family, snapshot, settings, context.run_id, context.log, version,
-                                 upstream_dirs, config.device or None, config.procs or None)  # fmt: skip
+                                 upstream_dirs, config.device or None, config.procs or None,
+                                 config.precision or None)  # fmt: skip
         except (TypeError, ValueError) as exc:  # config errors name the field and the allowed ones
             raise dg.Failure(f"model config for {name}: {exc}") from exc
         upstream = (
