@@ -120,7 +120,8 @@ class NeighbourRows(nn.Module):
         length, start = length.reshape(-1), start.reshape(-1)
         ends = torch.cumsum(length, 0)
         begins = ends - length
-        n = int(length.sum().item())  # 0 for an empty batch
+        n = length.sum().item()  # 0 for an empty batch; a symbol when exporting (no int(): that
+        # would ask the tracer for its value, failing torch.export's non-strict capture)
         torch._check_is_size(n)
         # marks[p]: how many rows begin at p (empty rows begin where the next one does), so the
         # cumulative count less one is the last row begun at or before p: the one p is in
