@@ -191,8 +191,8 @@ class Budget:
 class Stepper:
     """One optimiser step: the loss under the runtime's autocast (``Runtime.amp_dtype``), with a
     GradScaler under fp16; plain float32 without one (so CPU training at the default precision is
-    bit-identical to a loop without this class). ``optimizer`` may be
-    a ``models.train.Optimizers`` (a lazy Adam for sparse tables beside Adam for the rest)."""
+    bit-identical to a loop without this class). ``optimizer`` may be a
+    ``models.train.Optimizers`` (a lazy Adam for sparse tables beside Adam for the rest)."""
 
     def __init__(self, optimizer, runtime: Runtime):
         self.optimizer = optimizer
