@@ -23,6 +23,8 @@ peak memory grows with the row count.
 ``--precisions`` compares the training autocast (RECSYS_PRECISION: ``fp32``, ``bf16``; one thread
 each) instead of thread counts; with ``--epochs 0`` every fit runs at the family's defaults (early
 stopping included), so the last column compares the models' quality as well as their speed.
+``--minutes M`` gives every fit that time budget (``max_minutes``): on a large snapshot the first
+epoch is cut there, and its rows/s (validation of the weights so far included) is the throughput.
 
 ``--fingerprint`` fits each family at its defaults and prints a sha256 of its weights and of its
 history (epoch, train loss, valid metric): run it in two checkouts to show they train the same model.
@@ -47,13 +49,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def measure(family: str, snapshot, epochs: int, runtime) -> tuple[float, float, float]:
+def measure(
+    family: str, snapshot, epochs: int, runtime, minutes: float | None = None
+) -> tuple[float, float, float]:
     from models.catalogue import FAMILIES
     from models.config import parse_config
     from models.runtime import use_runtime
 
     fam = FAMILIES[family]
-    config = parse_config(fam.config_cls, {"epochs": epochs} if epochs else {})  # 0: the defaults
+    values = ({"epochs": epochs} if epochs else {}) | ({"max_minutes": minutes} if minutes else {})
+    config = parse_config(fam.config_cls, values)  # epochs 0: the defaults
     start = time.perf_counter()
     with use_runtime(runtime):
         model = fam.fit(snapshot, config, lambda _: None)
@@ -137,6 +142,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1, help="epochs per fit; 0: the family's defaults")
     ap.add_argument("--precisions", nargs="+", help="compare autocast precisions (fp32 bf16) on 1 thread")
+    ap.add_argument("--minutes", type=float, help="max_minutes of each fit (a large snapshot's epoch is cut)")
     ap.add_argument("--paths", action="store_true", help="compare streamed and in-memory rows (1 thread)")
     ap.add_argument("--rss", action="store_true", help="peak RSS per snapshot, streamed vs in-memory")
     ap.add_argument("--fingerprint", action="store_true", help="hash of each family's trained weights")
@@ -173,11 +179,12 @@ def main() -> None:
     print(f"snapshot {path} ({snapshot.meta['split_rows']}), load average {os.getloadavg()}", flush=True)
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for family in args.families:
-        measure(family, snapshot, 1, Runtime())  # warm-up: imports, first parquet read, allocator
+        # warm-up: imports, first parquet read, allocator (a short budget on a large snapshot)
+        measure(family, snapshot, 1, Runtime(), args.minutes and min(args.minutes, 0.25))
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
-                wall, rps, best = measure(family, snapshot, args.epochs, variants[name])
+                wall, rps, best = measure(family, snapshot, args.epochs, variants[name], args.minutes)
                 results.setdefault((family, name), []).append((wall, rps, best))
                 line = f"round {r + 1} {family} {name}: fit {wall:.1f} s, {rps:,.0f} rows/s"
                 print(f"{line}, best valid {best:.4f}", flush=True)
